@@ -1,0 +1,3 @@
+"""Metrics: importing this registers them in mmseg's METRICS registry."""
+
+from . import metrics  # noqa: F401

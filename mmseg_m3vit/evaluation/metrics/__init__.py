@@ -1,0 +1,1 @@
+"""Registered on import; see docs/design.md."""

@@ -1,0 +1,1 @@
+"""Multi-task data preprocessor (MODELS: MultiTaskDataPreprocessor). Being written."""
