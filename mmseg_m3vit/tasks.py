@@ -79,7 +79,9 @@ TASK_SPECS: dict[str, TaskSpec] = {
             True,
             "mean",
         ),
-        TaskSpec("edge", "gt_edge_map", "gt_edge_map", "pred_edge_map", 1, 255, True, False, "odsF"),
+        TaskSpec(
+            "edge", "gt_edge_map", "gt_edge_map", "pred_edge_map", 1, 255, True, False, "odsF"
+        ),
         TaskSpec("sal", "gt_sal_map", "gt_sal_map", "pred_sal_map", 1, 255, True, False, "maxIoU"),
     )
 }
@@ -96,9 +98,7 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASK_SPECS[name]
     except KeyError:
-        raise KeyError(
-            f"unknown task {name!r}; valid tasks are {sorted(TASK_SPECS)}"
-        ) from None
+        raise KeyError(f"unknown task {name!r}; valid tasks are {sorted(TASK_SPECS)}") from None
 
 
 def check_tasks(tasks: Iterable[str], valid: Sequence[str], what: str = "tasks") -> list[str]:
