@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 
 _FALLBACK_ATTR = "__m3vit_fallback__"
@@ -86,6 +87,9 @@ def install() -> bool:
         return True
     if _real_ops_available():
         return False
+    # mmcv.cnn warns once that deformable attention is missing; with mmcv-lite that is
+    # expected and M3ViT does not use it.
+    warnings.filterwarnings("ignore", message=r"Fail to import ``MultiScaleDeformableAttention``")
     source = _load_point_sample_file()
     module = types.ModuleType("mmcv.ops", __doc__)
     setattr(module, _FALLBACK_ATTR, True)
