@@ -1,1 +1,31 @@
-"""Registered on import; see docs/design.md."""
+"""Training / evaluation machinery: hooks, CPU-capable DDP, pre-flight config checks."""
+
+from .distributed import CPUAwareDistributedDataParallel, init_cpu_distributed
+from .hooks import NonFiniteLossError, NonFiniteLossHook
+from .preflight import (
+    check_config_tasks,
+    check_data_roots,
+    config_tasks,
+    restrict_to_tasks,
+)
+from .visualization import (
+    MultiTaskVisualizationHook,
+    colorize,
+    format_metric_table,
+    prediction_panel,
+)
+
+__all__ = [
+    "CPUAwareDistributedDataParallel",
+    "MultiTaskVisualizationHook",
+    "NonFiniteLossError",
+    "NonFiniteLossHook",
+    "check_config_tasks",
+    "check_data_roots",
+    "colorize",
+    "config_tasks",
+    "format_metric_table",
+    "init_cpu_distributed",
+    "prediction_panel",
+    "restrict_to_tasks",
+]
