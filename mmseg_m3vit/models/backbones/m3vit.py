@@ -1,0 +1,483 @@
+"""M3ViT backbone: ViT with mixture-of-experts FFNs on every other block (M3VIT.md s. 1).
+
+Parameter names follow the timm ViT layout (``patch_embed.proj``, ``cls_token``,
+``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``) so dense
+weights load by name; MoE blocks hold ``blocks.N.moe.{w1,b1,w2,b2,router.*}`` instead of
+``mlp``. No final LayerNorm (each task head has its own).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmseg.registry import MODELS
+from torch import Tensor, nn
+
+from ..moe import ROUTER_VARIANTS, MoEFFN, MoERouting
+from ..moe.dispatch import get_dispatch
+
+EXPERT_INIT_MODES = ("split", "random")
+
+
+class M3ViTOutput(NamedTuple):
+    """What the backbone returns (docs/design.md, model contract).
+
+    Attributes:
+        tokens: (B, 1+N, D) output of the last block, CLS first, no final norm.
+        grid: (h, w) patch grid, N = h * w.
+        balance_loss: scalar float32 tensor, unweighted sum over MoE layers and router
+            calls of cv2(importance) + cv2(load); 0 in eval mode.
+        routing: one :class:`MoERouting` per MoE layer (expert ids / gates per token,
+            flattened in (b, n) order), for analysis tools.
+    """
+
+    tokens: Tensor
+    grid: tuple[int, int]
+    balance_loss: Tensor
+    routing: list[MoERouting]
+
+
+def resize_pos_embed(
+    pos_embed: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], num_prefix: int = 1
+) -> Tensor:
+    """Bilinearly resize the patch position embeddings, keeping prefix (CLS) tokens apart.
+
+    Args:
+        pos_embed: (1, num_prefix + hs*ws, D).
+        src_grid: (hs, ws) grid of ``pos_embed``.
+        dst_grid: (hd, wd) target grid.
+
+    Returns:
+        (1, num_prefix + hd*wd, D); ``F.interpolate(mode='bilinear', align_corners=False)``
+        on the (1, D, hs, ws) patch part.
+    """
+    hs, ws = src_grid
+    if pos_embed.shape[1] != num_prefix + hs * ws:
+        raise ValueError(
+            f"pos_embed has {pos_embed.shape[1]} tokens; expected {num_prefix} + {hs}x{ws}"
+        )
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos_embed
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    d = pos_embed.shape[-1]
+    patches = patches.reshape(1, hs, ws, d).permute(0, 3, 1, 2)
+    compute_dtype = torch.float64 if patches.dtype == torch.float64 else torch.float32
+    patches = F.interpolate(
+        patches.to(compute_dtype), size=tuple(dst_grid), mode="bilinear", align_corners=False
+    ).to(pos_embed.dtype)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], d)
+    return torch.cat([prefix, patches], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm layout)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, N, D) -> (B, N, D)."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """Dense FFN ``fc2(GELU(fc1(x)))`` (timm layout)."""
+
+    def __init__(self, dim: int, hidden_dims: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dims)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dims, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) -> (..., D)."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the FFN is a dense :class:`Mlp` or an :class:`MoEFFN`."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_hidden: int, eps: float, moe: MoEFFN | None
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        if moe is None:
+            self.mlp = Mlp(dim, mlp_hidden)
+        else:
+            self.moe = moe
+
+    @property
+    def is_moe(self) -> bool:
+        """True when the FFN is a mixture of experts."""
+        return hasattr(self, "moe")
+
+    def forward(
+        self, x: Tensor, task_ids: Tensor | None
+    ) -> tuple[Tensor, MoERouting | None, Tensor | None]:
+        """x (B, N, D) -> (x, routing or None, balance loss or None)."""
+        x = x + self.attn(self.norm1(x))
+        if not self.is_moe:
+            return x + self.mlp(self.norm2(x)), None, None
+        y, routing, loss = self.moe(self.norm2(x), task_ids)
+        return x + y, routing, loss
+
+
+def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or (h, w), got {v}")
+    return (int(v[0]), int(v[1]))
+
+
+@MODELS.register_module()
+class M3ViT(BaseModule):
+    """Vision Transformer with task-routed MoE feed-forward layers.
+
+    Args:
+        tasks: task names, in the order that defines task indices (the segmentor fills
+            this from its heads). Required (non-empty) for 'multi_gate' and
+            'task_conditioned'; optional for 'shared'.
+        img_size: (H, W) the position embeddings are stored for (any input whose sides
+            are multiples of ``patch_size`` also works: they are resized on the fly).
+        patch_size: patch side in pixels.
+        in_channels: image channels.
+        embed_dims: D. num_layers: blocks. num_heads: attention heads (must divide D).
+        mlp_ratio: dense MLP hidden = mlp_ratio * D.
+        moe_layers: indices of MoE blocks; default every other block 1, 3, ..., i.e.
+            ``range(1, num_layers, 2)``.
+        num_experts: E. top_k: experts per token. expert_hidden_dims: Hd (default D).
+        router: 'multi_gate' (one router per task), 'task_conditioned' or 'shared'.
+        task_embed_dims: g of the task-conditioned router's task MLP.
+        noise_std: router noise std (scaled by 1/E), training only; 0 in the paper.
+        dispatch: MoE dispatch implementation ('auto', 'sorted', or a registered one).
+        norm_eps: LayerNorm eps.
+        pretrained: path of a local timm-layout ViT/DeiT state dict loaded by
+            :meth:`init_weights` (``init_cfg=dict(type='Pretrained', checkpoint=...)``
+            is accepted as a synonym). Nothing is ever downloaded.
+        expert_init: how experts are initialised from the pretrained dense MLP:
+            'split': the dense hidden units (mlp_ratio*D, e.g. 1536) are cut into
+            G = dense_hidden / Hd contiguous groups (4 groups of 384); expert e takes
+            group ``e % G`` (16 experts: each group used by 4 experts, cycling), with
+            ``b2 = fc2.bias / G`` so that the sum of experts 0..G-1 equals the dense MLP.
+            'random': experts keep their random init; the dense MLP is dropped.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str] | None = None,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        embed_dims: int = 384,
+        num_layers: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        moe_layers: Sequence[int] | None = None,
+        num_experts: int = 16,
+        top_k: int = 4,
+        expert_hidden_dims: int | None = None,
+        router: str = "multi_gate",
+        task_embed_dims: int = 64,
+        noise_std: float = 0.0,
+        dispatch: str = "auto",
+        norm_eps: float = 1e-6,
+        pretrained: str | None = None,
+        expert_init: str = "split",
+        init_cfg: dict | None = None,
+    ) -> None:
+        if isinstance(init_cfg, dict) and init_cfg.get("type") == "Pretrained":
+            if pretrained is not None:
+                raise ValueError("give either pretrained or init_cfg=dict(type='Pretrained')")
+            pretrained, init_cfg = init_cfg.get("checkpoint"), None
+        super().__init__(init_cfg=init_cfg)
+        self.tasks = list(tasks) if tasks is not None else []
+        if router not in ROUTER_VARIANTS:
+            raise ValueError(
+                f"unknown router variant {router!r}; choose one of {list(ROUTER_VARIANTS)}"
+            )
+        if router != "shared" and not self.tasks:
+            raise ValueError(f"router={router!r} needs a non-empty task list, got {tasks!r}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks {self.tasks} repeats a task")
+        if embed_dims % num_heads != 0:
+            raise ValueError(f"num_heads={num_heads} does not divide embed_dims={embed_dims}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if expert_init not in EXPERT_INIT_MODES:
+            raise ValueError(
+                f"unknown expert_init {expert_init!r}; choose one of {list(EXPERT_INIT_MODES)}"
+            )
+        get_dispatch(dispatch)
+        moe_layers = list(range(1, num_layers, 2)) if moe_layers is None else list(moe_layers)
+        bad = [i for i in moe_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"moe_layers {bad} out of range for num_layers={num_layers}")
+        self.img_size = _pair(img_size, "img_size")
+        if any(s % patch_size for s in self.img_size):
+            raise ValueError(f"img_size {self.img_size} must be a multiple of patch {patch_size}")
+        self.patch_size, self.embed_dims = patch_size, embed_dims
+        self.router_variant, self.expert_init = router, expert_init
+        self.pretrained = pretrained
+        self.moe_layers = sorted(set(moe_layers))
+        self.pos_grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        mlp_hidden = int(embed_dims * mlp_ratio)
+        hd = embed_dims if expert_hidden_dims is None else expert_hidden_dims
+
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_channels, embed_dims, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims))
+        num_pos = 1 + self.pos_grid[0] * self.pos_grid[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dims))
+        blocks = []
+        for i in range(num_layers):
+            moe = None
+            if i in self.moe_layers:
+                moe = MoEFFN(
+                    embed_dims,
+                    hd,
+                    num_experts,
+                    top_k,
+                    router=router,
+                    num_tasks=max(len(self.tasks), 1),
+                    task_embed_dims=task_embed_dims,
+                    noise_std=noise_std,
+                    dispatch=dispatch,
+                )
+            blocks.append(Block(embed_dims, num_heads, mlp_hidden, norm_eps, moe))
+        self.blocks = nn.ModuleList(blocks)
+        self._reset_dense_parameters()
+
+    # ------------------------------------------------------------------ init / loading
+    def _reset_dense_parameters(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def init_weights(self) -> None:
+        """Load ``pretrained`` (if set) on top of the random init done at construction."""
+        if self.pretrained:
+            self.load_pretrained(self.pretrained)
+        elif self.init_cfg is not None:
+            super().init_weights()
+
+    def load_pretrained(self, path: str) -> dict[str, list[str]]:
+        """Load a local timm-layout ViT/DeiT checkpoint file (see :meth:`load_timm_state_dict`)."""
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"pretrained checkpoint {path!r} does not exist") from None
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+                ckpt = ckpt[key]
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path!r} does not hold a state dict (got {type(ckpt).__name__})")
+        report = self.load_timm_state_dict(ckpt)
+        print_log(
+            f"M3ViT: loaded {path} (expert_init={self.expert_init}); "
+            f"not in checkpoint: {len(report['missing'])} tensors (routers"
+            f"{', experts' if self.expert_init == 'random' else ''}), "
+            f"ignored: {report['unexpected']}",
+            logger="current",
+        )
+        return report
+
+    @torch.no_grad()
+    def load_timm_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, list[str]]:
+        """Copy timm ViT weights in; returns ``{'missing': [...], 'unexpected': [...]}``.
+
+        ``pos_embed`` is resized bilinearly from its (square) grid to ``img_size``'s grid,
+        CLS kept apart (a distillation token, if any, is dropped). Dense blocks copy
+        ``mlp.fc1/fc2``; MoE blocks build their experts from them per ``expert_init``.
+        Head / final-norm weights are ignored. Shape mismatches raise ``ValueError``.
+        """
+        sd = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+        new: dict[str, Tensor] = {}
+        used: set[str] = set()
+        if "pos_embed" in sd:
+            pe = sd["pos_embed"]
+            n = pe.shape[1]
+            side = math.isqrt(n - 1)
+            prefix = n - side * side
+            if prefix not in (1, 2) or pe.shape[-1] != self.embed_dims:
+                raise ValueError(
+                    f"pos_embed of shape {tuple(pe.shape)} is not a square grid plus CLS "
+                    f"with D={self.embed_dims}"
+                )
+            pe = torch.cat([pe[:, :1], pe[:, prefix:]], dim=1)
+            new["pos_embed"] = resize_pos_embed(pe, (side, side), self.pos_grid)
+            used.add("pos_embed")
+        own = self.state_dict()
+        for i, block in enumerate(self.blocks):
+            if not block.is_moe:
+                continue
+            keys = [f"blocks.{i}.mlp.fc{j}.{t}" for j in (1, 2) for t in ("weight", "bias")]
+            if not all(k in sd for k in keys):
+                continue
+            used.update(keys)
+            if self.expert_init == "random":
+                continue
+            new.update(self._split_experts(i, *(sd[k] for k in keys)))
+        for k, v in sd.items():
+            if k in own and k not in new and k not in used:
+                new[k] = v
+                used.add(k)
+        for k, v in new.items():
+            if tuple(own[k].shape) != tuple(v.shape):
+                raise ValueError(
+                    f"checkpoint tensor {k!r} has shape {tuple(v.shape)}, "
+                    f"model expects {tuple(own[k].shape)}"
+                )
+        self.load_state_dict(new, strict=False)
+        return {
+            "missing": sorted(k for k in own if k not in new),
+            "unexpected": sorted(k for k in sd if k not in used),
+        }
+
+    def _split_experts(
+        self, i: int, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor
+    ) -> dict[str, Tensor]:
+        moe = self.blocks[i].moe
+        e, _, hd = moe.w1.shape
+        dense_hidden = fc1_w.shape[0]
+        if dense_hidden % hd:
+            raise ValueError(
+                f"expert_init='split' needs the dense hidden size {dense_hidden} (block {i}) "
+                f"to be a multiple of expert_hidden_dims={hd}"
+            )
+        groups = dense_hidden // hd
+        idx = [(x % groups) for x in range(e)]
+        w1 = torch.stack([fc1_w[g * hd : (g + 1) * hd].t() for g in idx])
+        b1 = torch.stack([fc1_b[g * hd : (g + 1) * hd] for g in idx])
+        w2 = torch.stack([fc2_w[:, g * hd : (g + 1) * hd].t() for g in idx])
+        b2 = (fc2_b / groups).unsqueeze(0).expand(e, -1)
+        p = f"blocks.{i}.moe."
+        return {p + "w1": w1, p + "b1": b1, p + "w2": w2, p + "b2": b2.clone()}
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def first_moe_layer(self) -> int:
+        """Index of the first MoE block (num_layers when there is none)."""
+        return self.moe_layers[0] if self.moe_layers else len(self.blocks)
+
+    def task_ids(self, task: str | Tensor | None, batch_size: int, device: torch.device):
+        """Resolve ``task`` to per-sample indices (B,) long, or None for the shared router.
+
+        ``task``: a task name (whole batch), a (B,) long tensor of indices into
+        ``self.tasks``, or None (shared router only).
+        """
+        if task is None:
+            if self.router_variant != "shared":
+                raise ValueError(
+                    f"router={self.router_variant!r} needs a task; choose from {self.tasks}"
+                )
+            return None
+        if isinstance(task, str):
+            if self.tasks and task not in self.tasks:
+                raise ValueError(f"unknown task {task!r}; valid tasks are {self.tasks}")
+            if self.router_variant == "shared":
+                return None
+            return torch.full(
+                (batch_size,), self.tasks.index(task), dtype=torch.long, device=device
+            )
+        if not isinstance(task, Tensor) or task.dtype != torch.long or task.shape != (batch_size,):
+            raise ValueError(
+                f"task must be a name, None or a LongTensor of shape ({batch_size},), got {task!r}"
+            )
+        if self.router_variant == "shared":
+            return None
+        if task.numel() and (int(task.min()) < 0 or int(task.max()) >= len(self.tasks)):
+            raise ValueError(f"task indices must be in [0, {len(self.tasks)}), got {task.tolist()}")
+        return task.to(device)
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Patchify, prepend CLS, add position embeddings: (B,3,H,W) -> (B,1+N,D), (h,w)."""
+        if x.dim() != 4:
+            raise ValueError(f"input must be (B, C, H, W), got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}; "
+                f"pad it (e.g. the data preprocessor's size_divisor={self.patch_size})"
+            )
+        grid = (h // self.patch_size, w // self.patch_size)
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype)
+        pos = resize_pos_embed(self.pos_embed, self.pos_grid, grid)
+        return torch.cat([cls, tokens], dim=1) + pos.to(tokens.dtype), grid
+
+    def forward_blocks(
+        self, x: Tensor, task_ids: Tensor | None, start: int = 0, end: int | None = None
+    ) -> tuple[Tensor, list[MoERouting], Tensor]:
+        """Run blocks[start:end]: x (B,1+N,D) -> (x, routing of MoE blocks, balance loss)."""
+        routing: list[MoERouting] = []
+        loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks[start:end]:
+            x, r, layer_loss = block(x, task_ids)
+            if r is not None:
+                routing.append(r)
+                loss = loss + layer_loss
+        return x, routing, loss
+
+    def forward(self, x: Tensor, task: str | Tensor | None = None) -> M3ViTOutput:
+        """Run the backbone for ``task``.
+
+        Args:
+            x: (B, 3, H, W) normalised images, H and W multiples of ``patch_size``.
+            task: a task name (one task for the whole batch), a (B,) LongTensor of
+                indices into ``tasks`` (a batch mixing tasks), or None (shared router).
+        """
+        tokens, grid = self.embed(x)
+        task_ids = self.task_ids(task, x.shape[0], x.device)
+        tokens, routing, loss = self.forward_blocks(tokens, task_ids)
+        return M3ViTOutput(tokens, grid, loss, routing)
+
+    def forward_tasks(self, x: Tensor, tasks: Sequence[str]) -> M3ViTOutput:
+        """Task-batched pass for several tasks at once (same result as one pass per task).
+
+        Blocks before the first MoE layer run once on the B images; their output is
+        repeated T times and the remaining blocks run on T*B samples with per-sample task
+        ids. Returns tokens of shape (T*B, 1+N, D), task-major: rows ``t*B:(t+1)*B`` are
+        task ``tasks[t]``. The balance loss sums each task's router calls, as T separate
+        passes would.
+        """
+        if not tasks:
+            raise ValueError(f"tasks is empty; choose from {self.tasks}")
+        for t in tasks:
+            if t not in self.tasks:
+                raise ValueError(f"unknown task {t!r}; valid tasks are {self.tasks}")
+        if self.router_variant == "shared":
+            out = self.forward(x, None)
+            return out._replace(tokens=out.tokens.repeat(len(tasks), 1, 1))
+        b = x.shape[0]
+        tokens, grid = self.embed(x)
+        start = self.first_moe_layer
+        tokens, _, _ = self.forward_blocks(tokens, None, 0, start)
+        ids = torch.tensor([self.tasks.index(t) for t in tasks], device=x.device)
+        task_ids = ids.repeat_interleave(b)
+        tokens = tokens.repeat(len(tasks), 1, 1)
+        tokens, routing, loss = self.forward_blocks(tokens, task_ids, start)
+        return M3ViTOutput(tokens, grid, loss, routing)

@@ -1,0 +1,108 @@
+"""Mixture-of-experts feed-forward layer (dropless, V-MoE gate, sorted dispatch)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .dispatch import get_dispatch
+from .gating import balance_loss, vmoe_top_k
+from .routers import build_router
+
+
+class MoERouting(NamedTuple):
+    """Routing decision of one MoE layer, flattened over the batch.
+
+    Attributes:
+        expert_ids: (B*N, k) long expert index per token (tokens in (b, n) row order).
+        gates: (B*N, k) gate weights of those experts (detached).
+    """
+
+    expert_ids: Tensor
+    gates: Tensor
+
+
+class MoEFFN(nn.Module):
+    """Top-k mixture of E two-layer GELU experts with a task-aware router.
+
+    Expert weights are stacked: ``w1`` (E, D, Hd), ``b1`` (E, Hd), ``w2`` (E, Hd, D),
+    ``b2`` (E, D); expert e computes ``GELU(v @ w1[e] + b1[e]) @ w2[e] + b2[e]``.
+
+    Args:
+        dim: token dims D.
+        hidden_dims: expert hidden dims Hd.
+        num_experts: E.
+        top_k: experts per token k (1 <= k <= E).
+        router: router variant ('multi_gate', 'task_conditioned', 'shared').
+        num_tasks: T (routers per layer for multi_gate; one-hot size for task_conditioned).
+        task_embed_dims: g of the task-conditioned router.
+        noise_std: router noise std (divided by E), training only.
+        dispatch: dispatch implementation name (see :mod:`.dispatch`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dims: int,
+        num_experts: int,
+        top_k: int,
+        router: str = "multi_gate",
+        num_tasks: int = 1,
+        task_embed_dims: int = 64,
+        noise_std: float = 0.0,
+        dispatch: str = "auto",
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        get_dispatch(dispatch)  # validates the name
+        self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
+        self.noise_std, self.dispatch = float(noise_std), dispatch
+        self.router_variant = router
+        self.router = build_router(router, dim, num_experts, num_tasks, task_embed_dims)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dims))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dims))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dims, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.reset_expert_parameters()
+
+    def reset_expert_parameters(self) -> None:
+        """Expert matrices uniform in +-1/sqrt(fan_in) (like ``nn.Linear``); zero biases."""
+        for w in (self.w1, self.w2):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+
+    def forward(self, x: Tensor, task_ids: Tensor | None) -> tuple[Tensor, MoERouting, Tensor]:
+        """Route and run the experts.
+
+        Args:
+            x: (B, N, D) LayerNorm'd tokens (router and experts see the same input).
+            task_ids: (B,) long task index per sample, or None (shared router only).
+
+        Returns:
+            ``(y, routing, balance)``: y (B, N, D); routing per token; the unweighted
+            balance loss (sum over the tasks present of cv2(importance) + cv2(load),
+            each task's tokens forming one router call), 0 when not training.
+        """
+        b, n, d = x.shape
+        logits = self.router(x, task_ids)
+        gate = vmoe_top_k(logits.reshape(b * n, -1), self.top_k, self.noise_std, self.training)
+        fn = get_dispatch(self.dispatch, x.device)
+        y = fn(x.reshape(b * n, d), gate.expert_ids, gate.gates, self.w1, self.b1, self.w2, self.b2)
+        if self.training:
+            if task_ids is None:
+                loss = balance_loss(gate)
+            else:
+                groups = task_ids.repeat_interleave(n)
+                loss = balance_loss(gate, groups, self.num_tasks)
+        else:
+            loss = x.new_zeros((), dtype=torch.float32)
+        routing = MoERouting(gate.expert_ids, gate.gates.detach())
+        return y.reshape(b, n, d), routing, loss
