@@ -1,1 +1,5 @@
-"""Registered on import; see docs/design.md."""
+"""Dense per-task losses (registered in mmseg's MODELS on import)."""
+
+from .dense_losses import BalancedBCELoss, DepthL1Loss, NormalsL1Loss, PixelCrossEntropyLoss
+
+__all__ = ["BalancedBCELoss", "DepthL1Loss", "NormalsL1Loss", "PixelCrossEntropyLoss"]

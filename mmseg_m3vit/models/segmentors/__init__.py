@@ -1,1 +1,5 @@
-"""Registered on import; see docs/design.md."""
+"""Segmentors (registered in mmseg's MODELS on import)."""
+
+from .multitask import MultiTaskSegmentor
+
+__all__ = ["MultiTaskSegmentor"]

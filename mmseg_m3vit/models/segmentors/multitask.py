@@ -1,0 +1,190 @@
+"""Multi-task segmentor: one M3ViT backbone, one head per task (M3VIT.md sections 3-4)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from mmengine.structures import PixelData
+from mmseg.models.segmentors.base import BaseSegmentor
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from mmseg.utils import add_prefix
+from torch import Tensor, nn
+
+from ...tasks import check_tasks
+from ..backbones.m3vit import M3ViTOutput
+
+
+@MODELS.register_module()
+class MultiTaskSegmentor(BaseSegmentor):
+    """M3ViT multi-task segmentor with single-task inference.
+
+    Call graph::
+
+        loss(inputs, data_samples):               every task, every step
+            extract_feat(inputs, tasks) -> {task: M3ViTOutput}, balance
+                shared router:     backbone(inputs, None) once, all heads read it
+                task_batched:      backbone.forward_tasks(inputs, tasks): blocks before
+                                   the first MoE layer once, the rest on T x B samples
+                otherwise:         backbone(inputs, task) for each task (T passes)
+            heads[task].loss(tokens, grid, data_samples) -> {'<task>.loss_*'} x weight
+            + {'loss_moe_balance': moe_balance_weight x balance}
+
+        predict(inputs, data_samples, tasks=None):  tasks = argument or infer_tasks
+            extract_feat(inputs, tasks)             only these tasks' routers run
+            heads[task](tokens, grid, input size) -> predict_by_feat(img metas)
+            -> data_sample.<pred_field> = PixelData at ori_shape (padding cropped)
+
+        _forward(inputs, data_samples=None, tasks=None) -> {task: logits (B,C,H,W)}
+
+    Args:
+        backbone: M3ViT config; ``tasks`` is filled from ``decode_heads`` when absent and
+            must name exactly the tasks with a head when given.
+        decode_heads: ``{task: head config}`` (``task`` and ``in_channels`` are filled in).
+        loss_weights: ``{task: weight}``; tasks not listed weigh 1.0.
+        moe_balance_weight: factor of the summed balance loss (0.01).
+        infer_tasks: tasks :meth:`predict` runs by default (all when None).
+        task_batched: run the per-task passes of training as one batched pass (same
+            losses and gradients). Default: on for multi_gate / task_conditioned routers
+            (the shared router always runs a single pass).
+        train_cfg / test_cfg: accepted for mmseg config compatibility; unused.
+        data_preprocessor: e.g. ``MultiTaskDataPreprocessor``.
+    """
+
+    def __init__(
+        self,
+        backbone: dict,
+        decode_heads: dict[str, dict],
+        loss_weights: dict[str, float] | None = None,
+        moe_balance_weight: float = 0.01,
+        infer_tasks: Sequence[str] | None = None,
+        task_batched: bool | None = None,
+        train_cfg: dict | None = None,
+        test_cfg: dict | None = None,
+        data_preprocessor: dict | None = None,
+        init_cfg: dict | None = None,
+    ) -> None:
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        if not decode_heads:
+            raise ValueError("decode_heads is empty; give one head config per task")
+        self.tasks = check_tasks(decode_heads.keys(), list(decode_heads), "decode_heads")
+        backbone = copy.deepcopy(dict(backbone))
+        if backbone.get("tasks") is None:
+            backbone["tasks"] = list(self.tasks)
+        else:
+            no_head = [t for t in backbone["tasks"] if t not in decode_heads]
+            no_task = [t for t in self.tasks if t not in backbone["tasks"]]
+            if no_head or no_task:
+                raise ValueError(
+                    f"backbone tasks {list(backbone['tasks'])} and decode_heads "
+                    f"{self.tasks} differ: tasks without a head {no_head}, heads without "
+                    f"a backbone task {no_task}"
+                )
+        self.backbone = MODELS.build(backbone)
+        self.heads = nn.ModuleDict()
+        for task, head_cfg in decode_heads.items():
+            cfg = copy.deepcopy(dict(head_cfg))
+            if cfg.setdefault("task", task) != task:
+                raise ValueError(f"decode_heads[{task!r}] has task={cfg['task']!r}")
+            cfg.setdefault("in_channels", self.backbone.embed_dims)
+            self.heads[task] = MODELS.build(cfg)
+        loss_weights = dict(loss_weights or {})
+        if loss_weights:
+            check_tasks(loss_weights.keys(), self.tasks, "loss_weights")
+        self.loss_weights = {t: float(loss_weights.get(t, 1.0)) for t in self.tasks}
+        self.moe_balance_weight = float(moe_balance_weight)
+        self.infer_tasks = check_tasks(infer_tasks or self.tasks, self.tasks, "infer_tasks")
+        self.shared = getattr(self.backbone, "router_variant", None) == "shared"
+        self.task_batched = (not self.shared) if task_batched is None else bool(task_batched)
+        self.train_cfg, self.test_cfg = train_cfg, test_cfg
+
+    # ------------------------------------------------------------------ features
+    def extract_feat(
+        self, inputs: Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, M3ViTOutput], Tensor]:
+        """Backbone features per task and the summed (unweighted) balance loss.
+
+        inputs (B, 3, H, W) -> ``({task: M3ViTOutput with tokens (B, 1+N, D)}, scalar)``.
+        """
+        tasks = check_tasks(tasks if tasks is not None else self.tasks, self.tasks)
+        b = inputs.shape[0]
+        if self.shared:
+            out = self.backbone(inputs, None)
+            return {t: out for t in tasks}, out.balance_loss
+        if self.task_batched and len(tasks) > 1:
+            out = self.backbone.forward_tasks(inputs, tasks)
+            rows = out.tokens.shape[1] * b
+            feats = {}
+            for i, t in enumerate(tasks):
+                routing = [type(r)(*(v[i * rows : (i + 1) * rows] for v in r)) for r in out.routing]
+                feats[t] = M3ViTOutput(
+                    out.tokens[i * b : (i + 1) * b], out.grid, out.balance_loss, routing
+                )
+            return feats, out.balance_loss
+        feats = {t: self.backbone(inputs, t) for t in tasks}
+        balance = sum((f.balance_loss for f in feats.values()), inputs.new_zeros(()))
+        return feats, balance
+
+    def encode_decode(self, inputs: Tensor, batch_img_metas: list[dict]) -> dict[str, Tensor]:
+        """Logits of the inference tasks at the input size: ``{task: (B, C, H, W)}``."""
+        return self._forward(inputs, None)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, inputs: Tensor, data_samples: list[SegDataSample]) -> dict[str, Tensor]:
+        """Losses of every task ``'<task>.loss_*'`` (weighted) and ``'loss_moe_balance'``."""
+        feats, balance = self.extract_feat(inputs, self.tasks)
+        losses: dict[str, Tensor] = {}
+        for task in self.tasks:
+            f = feats[task]
+            logits = self.heads[task](f.tokens, f.grid, inputs.shape[-2:])
+            task_losses = self.heads[task].loss_by_feat(logits, data_samples)
+            weight = self.loss_weights[task]
+            losses.update(add_prefix({k: v * weight for k, v in task_losses.items()}, task))
+        losses["loss_moe_balance"] = balance * self.moe_balance_weight
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    def _tasks_for_inference(self, tasks: Sequence[str] | str | None) -> list[str]:
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        return check_tasks(tasks if tasks is not None else self.infer_tasks, self.tasks)
+
+    def predict(
+        self,
+        inputs: Tensor,
+        data_samples: list[SegDataSample] | None = None,
+        tasks: Sequence[str] | str | None = None,
+    ) -> list[SegDataSample]:
+        """Predict ``tasks`` (default ``infer_tasks``); only their routers and heads run.
+
+        Writes ``data_sample.<pred_field>`` (task table) as ``PixelData`` at ``ori_shape``
+        (padding cropped with ``img_shape`` first): label ids long (1, H, W), depth float
+        (1, H, W), normals unit vectors (3, H, W), edge / saliency probabilities (1, H, W).
+        """
+        tasks = self._tasks_for_inference(tasks)
+        if data_samples is None:
+            h, w = inputs.shape[-2:]
+            data_samples = [
+                SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w)))
+                for _ in range(inputs.shape[0])
+            ]
+        metas = [ds.metainfo for ds in data_samples]
+        feats, _ = self.extract_feat(inputs, tasks)
+        for task in tasks:
+            head, f = self.heads[task], feats[task]
+            preds = head.predict_by_feat(head(f.tokens, f.grid, inputs.shape[-2:]), metas)
+            for ds, pred in zip(data_samples, preds):
+                ds.set_data({head.spec.pred_field: PixelData(data=pred)})
+        return data_samples
+
+    def _forward(
+        self,
+        inputs: Tensor,
+        data_samples: list[SegDataSample] | None = None,
+        tasks: Sequence[str] | str | None = None,
+    ) -> dict[str, Tensor]:
+        """Raw logits ``{task: (B, C, H, W)}`` at the (padded) input size."""
+        tasks = self._tasks_for_inference(tasks)
+        feats, _ = self.extract_feat(inputs, tasks)
+        return {t: self.heads[t](feats[t].tokens, feats[t].grid, inputs.shape[-2:]) for t in tasks}
