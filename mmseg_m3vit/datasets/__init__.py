@@ -1,3 +1,7 @@
 """Data sets and transforms: importing this registers them in mmseg's registries."""
 
 from . import transforms  # noqa: F401
+from .nyud_mt import NYUDMTDataset
+from .pascal_mt import PascalMTDataset
+
+__all__ = ["NYUDMTDataset", "PascalMTDataset"]

@@ -1,0 +1,269 @@
+"""One loader for every dense task map of NYUD-MT and PASCAL-MT.
+
+The data sets put into each ``data_info``:
+
+- ``img_path``: the RGB image;
+- ``ann_paths``: ``{task: path}`` for the chosen tasks (PASCAL ``parts`` may be ``None``:
+  the image has no human-parts annotation);
+- ``dataset``: ``'nyud'`` or ``'pascal'``, which selects how each file is decoded.
+
+:class:`LoadMultiTaskAnnotations` reads those files, decodes them into the maps of the
+task table (:mod:`mmseg_m3vit.tasks`) and registers each under ``TaskSpec.results_key``
+in ``results['seg_fields']`` so that mmseg's geometric transforms move every map.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import scipy.io
+from mmcv.transforms import BaseTransform
+from mmseg.registry import TRANSFORMS
+from PIL import Image
+
+from mmseg_m3vit.datasets.edge_utils import label_boundaries
+from mmseg_m3vit.tasks import DATASET_TASKS, check_tasks, get_task
+
+#: PASCAL VOC class index of 'person' in the PASCAL-Part ``anno.objects.class_ind`` field.
+PASCAL_PERSON_CLASS = 15
+
+#: PASCAL-Part person part names -> the 7-class human-parts labels of the MTL literature
+#: (0 background, 1 head, 2 torso, 3 upper arm, 4 lower arm / hand, 5 upper leg,
+#: 6 lower leg / foot).
+PASCAL_PART_TO_ID: dict[str, int] = {
+    "hair": 1, "head": 1, "lear": 1, "lebrow": 1, "leye": 1, "mouth": 1, "nose": 1,
+    "rear": 1, "rebrow": 1, "reye": 1,
+    "neck": 2, "torso": 2,
+    "luarm": 3, "ruarm": 3,
+    "llarm": 4, "rlarm": 4, "lhand": 4, "rhand": 4,
+    "luleg": 5, "ruleg": 5,
+    "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
+}  # fmt: skip
+
+IGNORE = 255
+
+
+def _open(path: str, reader: Callable[[str], object], what: str) -> object:
+    """Run ``reader(path)``, turning a missing/unreadable file into an error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} does not exist")
+    try:
+        return reader(path)
+    except Exception as exc:  # any decoder failure: say which file
+        raise OSError(f"cannot read {what} file {path!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_png(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _read_mat(path: str) -> dict:
+    return scipy.io.loadmat(path)
+
+
+def _expect_2d(arr: np.ndarray, path: str, what: str) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise ValueError(f"{what} file {path!r}: expected an (H, W) map, got shape {arr.shape}")
+    return arr
+
+
+def _check_range(arr: np.ndarray, lo: int, hi: int, path: str, what: str, void: str) -> None:
+    bad = (arr != IGNORE) & ((arr < lo) | (arr > hi))
+    if bad.any():
+        raise ValueError(
+            f"{what} file {path!r}: values {sorted(np.unique(arr[bad]).tolist())[:10]} are "
+            f"outside the expected {void}{lo}..{hi} (and {IGNORE} = ignore)"
+        )
+
+
+# ----------------------------------------------------------------------------- NYUD-MT
+def _nyud_semseg(path: str) -> np.ndarray:
+    """png, 0 = void, 1..40 classes -> uint8 0..39, void -> 255."""
+    raw = _expect_2d(_open(path, _read_png, "NYUD semseg"), path, "NYUD semseg").astype(np.int64)
+    _check_range(raw, 0, 40, path, "NYUD semseg", "0 (void) or ")
+    out = raw - 1
+    out[(raw == 0) | (raw == IGNORE)] = IGNORE
+    return out.astype(np.uint8)
+
+
+def _nyud_depth(path: str) -> np.ndarray:
+    """npy in metres, 0 = invalid -> float32 (H, W)."""
+    depth = _expect_2d(np.asarray(_open(path, np.load, "NYUD depth")), path, "NYUD depth")
+    depth = depth.astype(np.float32)
+    if not np.isfinite(depth).all() or (depth < 0).any():
+        raise ValueError(
+            f"NYUD depth file {path!r}: expected finite depths >= 0 metres (0 = invalid)"
+        )
+    return depth
+
+
+def _nyud_normals(path: str) -> np.ndarray:
+    """npy (H, W, 3) unit vectors in [-1, 1], all-zero = invalid -> float32."""
+    normals = np.asarray(_open(path, np.load, "NYUD normals"))
+    if normals.ndim != 3 or normals.shape[2] != 3:
+        raise ValueError(f"NYUD normals file {path!r}: expected (H, W, 3), got {normals.shape}")
+    normals = normals.astype(np.float32)
+    if not np.isfinite(normals).all():
+        raise ValueError(f"NYUD normals file {path!r} contains non-finite values")
+    return normals
+
+
+def _nyud_edge(path: str) -> np.ndarray:
+    """npy binary edge map -> uint8 {0, 1}."""
+    edge = _expect_2d(np.asarray(_open(path, np.load, "NYUD edge")), path, "NYUD edge")
+    return (edge > 0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- PASCAL-MT
+def _pascal_semseg(path: str) -> np.ndarray:
+    """png with the 21-class VOC ids (0 = background), 255 = ignore -> uint8."""
+    raw = _expect_2d(_open(path, _read_png, "PASCAL semseg"), path, "PASCAL semseg")
+    _check_range(raw.astype(np.int64), 0, 20, path, "PASCAL semseg", "")
+    return raw.astype(np.uint8)
+
+
+def pascal_parts_from_mat(mat: dict, path: str = "<mat>") -> np.ndarray | None:
+    """Decode a PASCAL-Part annotation into the 7-class human-parts map.
+
+    Every object of class ``person`` (``class_ind`` 15) that has part masks paints its
+    parts with :data:`PASCAL_PART_TO_ID`; other pixels are background 0.
+
+    Returns:
+        uint8 (H, W) map, or ``None`` when the file holds no person with parts.
+    """
+    try:
+        objects = mat["anno"][0, 0]["objects"].ravel()
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"PASCAL parts file {path!r}: no 'anno.objects' struct") from exc
+    target = None
+    for obj in objects:
+        if int(np.asarray(obj["class_ind"]).ravel()[0]) != PASCAL_PERSON_CLASS:
+            continue
+        parts = np.asarray(obj["parts"]).ravel()
+        if parts.size == 0:
+            continue
+        if target is None:
+            target = np.zeros(np.asarray(obj["mask"]).shape, dtype=np.uint8)
+        for part in parts:
+            name = str(np.asarray(part["part_name"]).ravel()[0])
+            if name not in PASCAL_PART_TO_ID:
+                raise ValueError(f"PASCAL parts file {path!r}: unknown person part {name!r}")
+            target[np.asarray(part["mask"]).astype(bool)] = PASCAL_PART_TO_ID[name]
+    return target
+
+
+def _pascal_parts(path: str) -> np.ndarray | None:
+    return pascal_parts_from_mat(_open(path, _read_mat, "PASCAL parts"), path)
+
+
+def _pascal_sal(path: str) -> np.ndarray:
+    """grey png in [0, 255], binarised at 0.5 -> uint8 {0, 1}."""
+    raw = _open(path, _read_png, "PASCAL saliency")
+    if raw.ndim == 3:  # RGB(A) saliency: use the first channel (they are equal)
+        raw = raw[:, :, 0]
+    return (raw.astype(np.float32) / 255.0 > 0.5).astype(np.uint8)
+
+
+def _pascal_normals(path: str) -> np.ndarray:
+    """RGB png in [0, 255] -> float32 (H, W, 3) in [-1, 1] (2 * v / 255 - 1)."""
+    raw = _open(path, _read_png, "PASCAL normals")
+    if raw.ndim != 3 or raw.shape[2] < 3:
+        raise ValueError(f"PASCAL normals file {path!r}: expected an RGB png, got {raw.shape}")
+    return (2.0 * raw[:, :, :3].astype(np.float32) / 255.0 - 1.0).astype(np.float32)
+
+
+def _pascal_edge(path: str) -> np.ndarray:
+    """pascal-context ``LabelMap`` .mat -> uint8 {0, 1} boundary pixels of the label map."""
+    mat = _open(path, _read_mat, "PASCAL edge")
+    if "LabelMap" not in mat:
+        raise ValueError(f"PASCAL edge file {path!r}: no 'LabelMap' variable")
+    labels = _expect_2d(np.asarray(mat["LabelMap"]), path, "PASCAL edge")
+    return label_boundaries(labels).astype(np.uint8)
+
+
+#: (data set, task) -> decoder(path) -> map in the task table's convention.
+DECODERS: dict[tuple[str, str], Callable[[str], np.ndarray | None]] = {
+    ("nyud", "semseg"): _nyud_semseg,
+    ("nyud", "depth"): _nyud_depth,
+    ("nyud", "normals"): _nyud_normals,
+    ("nyud", "edge"): _nyud_edge,
+    ("pascal", "semseg"): _pascal_semseg,
+    ("pascal", "parts"): _pascal_parts,
+    ("pascal", "sal"): _pascal_sal,
+    ("pascal", "normals"): _pascal_normals,
+    ("pascal", "edge"): _pascal_edge,
+}
+
+
+@TRANSFORMS.register_module()
+class LoadMultiTaskAnnotations(BaseTransform):
+    """Load the ground-truth map of every chosen task.
+
+    Required keys: ``img`` (put ``LoadImageFromFile`` first), ``ann_paths``, ``dataset``.
+    Added keys: ``TaskSpec.results_key`` of each task (see :mod:`mmseg_m3vit.tasks` for
+    dtypes and shapes), each appended to ``seg_fields``.
+
+    PASCAL human parts: an image without a parts annotation (``ann_paths['parts']`` is
+    ``None``) or whose file holds no person with parts gets an all-255 (ignore) map, so
+    it adds nothing to the parts loss or metric.
+
+    Args:
+        tasks: tasks to load; ``None`` loads every task in ``ann_paths``.
+
+    Raises (at call time):
+        FileNotFoundError / OSError: a map file is missing or unreadable (names the file).
+        ValueError: a map's size differs from its image's (names both files), or its
+            contents are out of range.
+    """
+
+    def __init__(self, tasks: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if tasks is not None:
+            tasks = check_tasks(tasks, sorted({t for d in DATASET_TASKS.values() for t in d}))
+        self.tasks = tasks
+
+    def transform(self, results: dict) -> dict:
+        for key in ("img", "ann_paths", "dataset"):
+            if key not in results:
+                raise KeyError(
+                    f"LoadMultiTaskAnnotations needs results[{key!r}] (sample "
+                    f"{results.get('img_path')!r}); use a multi-task data set and put "
+                    "LoadImageFromFile before it"
+                )
+        dataset = results["dataset"]
+        ann_paths: dict = results["ann_paths"]
+        tasks = list(ann_paths) if self.tasks is None else self.tasks
+        missing = [t for t in tasks if t not in ann_paths]
+        if missing:
+            raise KeyError(
+                f"tasks {missing} were asked for but the data set did not list their files "
+                f"for {results.get('img_path')!r} (it has {list(ann_paths)})"
+            )
+        img_hw = tuple(results["img"].shape[:2])
+        seg_fields = results.setdefault("seg_fields", [])
+        for task in tasks:
+            spec = get_task(task)
+            decoder = DECODERS.get((dataset, task))
+            if decoder is None:
+                raise KeyError(f"no decoder for task {task!r} of data set {dataset!r}")
+            path = ann_paths[task]
+            gt = None if path is None else decoder(path)
+            if gt is None:  # PASCAL parts: no person parts in this image
+                gt = np.full(img_hw, IGNORE, dtype=np.uint8)
+            if tuple(gt.shape[:2]) != img_hw:
+                raise ValueError(
+                    f"{task} map {path!r} has size {tuple(gt.shape[:2])} but its image "
+                    f"{results.get('img_path')!r} has size {img_hw} (H, W)"
+                )
+            results[spec.results_key] = gt
+            if spec.results_key not in seg_fields:
+                seg_fields.append(spec.results_key)
+        return results
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(tasks={self.tasks})"
