@@ -205,3 +205,23 @@ def test_eval_balance_loss_is_zero() -> None:
     moe = MoEFFN(8, 4, num_experts=4, top_k=2, router="shared").eval()
     _, _, bal = moe(torch.randn(1, 3, 8), None)
     assert bal.shape == () and float(bal) == 0.0
+
+
+def test_benchmark_tool_runs_tiny_and_its_loop_matches() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "analysis_tools" / "benchmark_moe.py"
+    spec = importlib.util.spec_from_file_location("m3vit_benchmark_moe", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    x = torch.randn(9, 8)
+    w = _experts(4, 8, 6)
+    ids, gates = _random_routing(9, 4, 2)
+    ref = _per_token_reference(x, ids, gates, *w)
+    assert torch.allclose(tool.loop_dispatch(x, ids, gates, *w).double(), ref, atol=1e-5)
+    args = ["--cpu-images", "1", "--tokens", "10", "--dim", "8", "--experts", "4"]
+    args += ["--top-k", "2", "--hidden", "4", "--iters", "1", "--warmup", "0", "--device", "cpu"]
+    rows = tool.main(args)["cpu"]
+    assert [r[0] for r in rows][:3] == ["dense", "loop", "sorted"]
+    assert rows[0][2] == 1.0 and all(r[1] > 0 for r in rows)

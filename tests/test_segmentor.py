@@ -99,7 +99,7 @@ def test_loss_weights_and_balance_against_direct_calls() -> None:
         head = model.heads[task]
         gt = torch.stack([s.get(TASK_SPECS[task].gt_field).data for s in ds])
         logits = head(out.tokens, out.grid)
-        raw = float(head.loss_decode(logits, gt))
+        raw = float(head.loss_decode(logits, gt).detach())
         key = f"{task}.{head.loss_decode.loss_name}"
         assert float(losses[key]) == pytest.approx(raw * model.loss_weights[task], rel=1e-5)
     assert model.loss_weights["edge"] == 50.0

@@ -442,14 +442,18 @@ class M3ViT(BaseModule):
                 loss = loss + layer_loss
         return x, routing, loss
 
-    def forward(self, x: Tensor, task: str | Tensor | None = None) -> M3ViTOutput:
+    def forward(self, x: Tensor, task: str | Tensor | Sequence[str] | None = None) -> M3ViTOutput:
         """Run the backbone for ``task``.
 
         Args:
             x: (B, 3, H, W) normalised images, H and W multiples of ``patch_size``.
             task: a task name (one task for the whole batch), a (B,) LongTensor of
-                indices into ``tasks`` (a batch mixing tasks), or None (shared router).
+                indices into ``tasks`` (a batch mixing tasks), None (shared router), or a
+                list of task names: the task-batched pass of :meth:`forward_tasks`
+                (tokens (T*B, 1+N, D), task-major).
         """
+        if isinstance(task, (list, tuple)):
+            return self.forward_tasks(x, task)
         tokens, grid = self.embed(x)
         task_ids = self.task_ids(task, x.shape[0], x.device)
         tokens, routing, loss = self.forward_blocks(tokens, task_ids)

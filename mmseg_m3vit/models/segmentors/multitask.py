@@ -25,7 +25,7 @@ class MultiTaskSegmentor(BaseSegmentor):
         loss(inputs, data_samples):               every task, every step
             extract_feat(inputs, tasks) -> {task: M3ViTOutput}, balance
                 shared router:     backbone(inputs, None) once, all heads read it
-                task_batched:      backbone.forward_tasks(inputs, tasks): blocks before
+                task_batched:      backbone(inputs, [tasks]) (forward_tasks): blocks before
                                    the first MoE layer once, the rest on T x B samples
                 otherwise:         backbone(inputs, task) for each task (T passes)
             heads[task].loss(tokens, grid, data_samples) -> {'<task>.loss_*'} x weight
@@ -113,7 +113,7 @@ class MultiTaskSegmentor(BaseSegmentor):
             out = self.backbone(inputs, None)
             return {t: out for t in tasks}, out.balance_loss
         if self.task_batched and len(tasks) > 1:
-            out = self.backbone.forward_tasks(inputs, tasks)
+            out = self.backbone(inputs, list(tasks))
             rows = out.tokens.shape[1] * b
             feats = {}
             for i, t in enumerate(tasks):
