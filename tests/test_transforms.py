@@ -311,3 +311,50 @@ def test_preprocessor_argument_errors():
     bad = dict(inputs=[torch.zeros(3, 4, 5, dtype=torch.uint8)], data_samples=[_sample(3, 5)])
     with pytest.raises(ValueError, match=r"img_4x5|img_3x5"):
         pre(bad, training=True)
+
+
+# ----------------------------------------------------------------------------- rotate
+def test_rotate_90_moves_pixels_and_rotates_normal_vectors():
+    normals = np.zeros((3, 3, 3), np.float32)
+    normals[..., 2] = 1.0
+    normals[1, 2] = [1.0, 0.0, 0.0]  # right-middle pixel, pointing right
+    seg = np.zeros((3, 3), np.uint8)
+    seg[1, 2] = 7
+    results = dict(
+        img=np.zeros((3, 3, 3), np.uint8),
+        gt_seg_map=seg,
+        gt_normal_map=normals,
+        seg_fields=["gt_seg_map", "gt_normal_map"],
+    )
+    out = build(dict(type="MultiTaskRandomRotate", prob=1.0, degree=(90, 90)))(results)
+    # clockwise on screen: right-middle -> bottom-middle, "right" -> "down" (y up frame)
+    expected_seg = np.zeros((3, 3), np.uint8)
+    expected_seg[2, 1] = 7
+    np.testing.assert_array_equal(out["gt_seg_map"], expected_seg)
+    np.testing.assert_allclose(out["gt_normal_map"][2, 1], [0.0, -1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(out["gt_normal_map"][1, 1], [0.0, 0.0, 1.0], atol=1e-6)
+
+
+def test_rotate_pads_each_task_with_its_value():
+    h = w = 9
+    results = dict(
+        img=np.full((h, w, 3), 9, np.uint8),
+        gt_seg_map=np.ones((h, w), np.uint8),
+        gt_edge_map=np.ones((h, w), np.uint8),
+        gt_depth_map=np.full((h, w), 3.0, np.float32),
+        gt_normal_map=np.tile(np.array([0.6, 0.0, 0.8], np.float32), (h, w, 1)),
+        seg_fields=["gt_seg_map", "gt_edge_map", "gt_depth_map", "gt_normal_map"],
+    )
+    out = build(dict(type="MultiTaskRandomRotate", prob=1.0, degree=(45, 45), pad_val=0))(results)
+    assert out["gt_seg_map"][0, 0] == 255 and out["gt_edge_map"][0, 0] == 255
+    assert out["gt_depth_map"][0, 0] == 0.0 and (out["gt_normal_map"][0, 0] == 0).all()
+    assert (out["img"][0, 0] == 0).all()
+    assert out["gt_seg_map"][4, 4] == 1 and out["gt_depth_map"][4, 4] == 3.0
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    np.testing.assert_allclose(out["gt_normal_map"][4, 4], [0.6 * c, -0.6 * s, 0.8], atol=1e-6)
+
+
+def test_rotate_refuses_maps_outside_the_task_table():
+    results = dict(img=np.zeros((4, 4, 3), np.uint8), foo=np.zeros((4, 4)), seg_fields=["foo"])
+    with pytest.raises(KeyError, match="foo"):
+        build(dict(type="MultiTaskRandomRotate", prob=1.0, degree=10))(results)

@@ -2,11 +2,18 @@
 
 from .formatting import PackMultiTaskInputs
 from .loading import LoadMultiTaskAnnotations
-from .transforms import MultiTaskRandomFlip, flip_normals
+from .transforms import (
+    MultiTaskRandomFlip,
+    MultiTaskRandomRotate,
+    flip_normals,
+    rotate_normal_vectors,
+)
 
 __all__ = [
     "LoadMultiTaskAnnotations",
     "MultiTaskRandomFlip",
+    "MultiTaskRandomRotate",
     "PackMultiTaskInputs",
     "flip_normals",
+    "rotate_normal_vectors",
 ]
