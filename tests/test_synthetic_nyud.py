@@ -140,6 +140,16 @@ def test_existing_output_is_refused(synth):
         generate(str(synth), 1, 0, SIZE, seed=3, progress=False)
 
 
+def test_overwrite_replaces_atomically(tmp_path):
+    out = tmp_path / "over"
+    generate(str(out), 1, 0, (16, 24), seed=1, workers=1, progress=False)
+    first = np.load(out / "depth" / "000000.npy")
+    generate(str(out), 2, 0, (16, 24), seed=2, workers=1, progress=False, overwrite=True)
+    assert (out / "gt_sets" / "train.txt").read_text().split() == IDS[:2]
+    assert not np.array_equal(np.load(out / "depth" / "000000.npy"), first)
+    assert sorted(os.listdir(tmp_path)) == ["over"]  # no temp or old folders left
+
+
 def test_cli_writes_the_layout(tmp_path):
     path = Path(__file__).parents[1] / "tools" / "dataset_converters" / "make_synthetic_nyud.py"
     spec = importlib.util.spec_from_file_location("make_synthetic_nyud_cli", path)
