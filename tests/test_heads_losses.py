@@ -193,3 +193,39 @@ def test_output_kind_from_task_table_and_errors() -> None:
         PUPHead("foo", 1, dict(type="DepthL1Loss"))
     with pytest.raises(ValueError, match="num_classes=3"):
         _head("normals", 1)
+
+
+def test_tam_group_weights_match_released_table() -> None:
+    from mmseg_m3vit.models.decode_heads import tam_group_weights
+
+    # the released code's hand-written cases for 2..5 tasks
+    released = {
+        2: [("G", 1), ("1-G", 1)],
+        3: [("G", 1), ("1-G", 1 / 2), ("1-G", 1 / 2)],
+        4: [("G", 1 / 2), ("G", 1 / 2), ("1-G", 1 / 2), ("1-G", 1 / 2)],
+        5: [("G", 1 / 2), ("G", 1 / 2), ("1-G", 1 / 3), ("1-G", 1 / 3), ("1-G", 1 / 3)],
+    }
+    for t, expected in released.items():
+        got = tam_group_weights(t)
+        assert [w for w, _ in got] == [w for w, _ in expected]
+        assert [s for _, s in got] == pytest.approx([s for _, s in expected])
+    with pytest.raises(ValueError, match="at least two tasks"):
+        tam_group_weights(1)
+
+
+def test_tam_shapes_and_cross_task_dependence() -> None:
+    from mmseg_m3vit.models.decode_heads import TaskAttentionModule
+
+    tam = TaskAttentionModule(["a", "b", "c"], 6, {"a": 4, "b": 1, "c": 3}, channels=5).eval()
+    feats = {k: torch.randn(2, 6, 6, 10) for k in "abc"}
+    out = tam(feats)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "a": (2, 4, 6, 10),
+        "b": (2, 1, 6, 10),
+        "c": (2, 3, 6, 10),
+    }
+    # task a's auxiliary output depends on task c's features (cross-task fusion)
+    feats2 = dict(feats, c=torch.randn(2, 6, 6, 10))
+    assert not torch.allclose(tam(feats2)["a"], out["a"])
+    with pytest.raises(ValueError, match=r"no features for tasks \['c'\]"):
+        tam({"a": feats["a"], "b": feats["b"]})

@@ -253,3 +253,23 @@ def test_config_errors() -> None:
         MODELS.build(bad)
     with pytest.raises(ValueError, match="decode_heads is empty"):
         MODELS.build(nyud_cfg(decode_heads={}))
+
+
+def test_tam_is_training_only_and_off_by_default() -> None:
+    assert not hasattr(build(), "tam")
+    model = build(tam=dict(levels=(0, 2), loss_weight=0.5)).train()
+    losses = model.loss(torch.randn(2, 3, 32, 48), samples(2, 32, 48))
+    for task, name in [("semseg", "loss_ce"), ("edge", "loss_bce")]:
+        for level in (0, 2):
+            assert f"{task}.tam{level}_{name}" in losses
+    total = sum(losses.values())
+    total.backward()
+    tam_params = list(model.tam.parameters())
+    assert tam_params and all(p.grad is not None for p in tam_params)
+    calls = _count_calls(model.tam["level0"])
+    model.eval()
+    with torch.no_grad():
+        model.predict(torch.randn(1, 3, 32, 48), samples(1, 32, 48))
+    assert calls == []
+    with pytest.raises(ValueError, match="tam levels"):
+        build(tam=dict(levels=(4,)))

@@ -96,7 +96,7 @@ class PUPHead(BaseModule):
                 )
             )
         self.convs = nn.ModuleList(convs)
-        self.num_up = num_up
+        self.num_up, self.channels = num_up, channels
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.loss_decode = MODELS.build(loss_decode)
         if not getattr(self.loss_decode, "loss_name", "").startswith("loss"):
@@ -112,19 +112,31 @@ class PUPHead(BaseModule):
 
         H, W = ``out_size`` (the padded input size), default 16 h x 16 w.
         """
+        return self.forward_with_features(tokens, grid, out_size)[0]
+
+    def forward_with_features(
+        self, tokens: Tensor, grid: Sequence[int], out_size: Sequence[int] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """As :meth:`forward`, also returning the output of every conv stage.
+
+        Stage i (0..num_up) has shape (B, channels, h * 2^i, w * 2^i) (before its
+        upsampling); used by the optional training-only TAM.
+        """
         b, n, d = tokens.shape
         h, w = grid
         if n != 1 + h * w:
             raise ValueError(f"PUPHead({self.task}): {n} tokens do not match 1 + {h}x{w}")
         x = self.norm(tokens[:, 1:]).transpose(1, 2).reshape(b, d, h, w)
+        feats = []
         for i, conv in enumerate(self.convs):
             x = conv(x)
+            feats.append(x)
             if i < self.num_up:
                 x = self._up(x, scale=2)
         x = self._up(self.conv_seg(x), scale=2)
         if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
             x = self._up(x, size=tuple(out_size))
-        return x
+        return x, feats
 
     def _up(self, x: Tensor, scale: int | None = None, size: tuple[int, int] | None = None):
         return F.interpolate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from mmengine.structures import PixelData
 from mmseg.models.segmentors.base import BaseSegmentor
 from mmseg.registry import MODELS
@@ -29,6 +30,8 @@ class MultiTaskSegmentor(BaseSegmentor):
                                    the first MoE layer once, the rest on T x B samples
                 otherwise:         backbone(inputs, task) for each task (T passes)
             heads[task].loss(tokens, grid, data_samples) -> {'<task>.loss_*'} x weight
+            [tam: per level, TaskAttentionModule(stage features of every head)
+                  -> {'<task>.tam<level>_loss_*'} x weight x tam loss_weight]
             + {'loss_moe_balance': moe_balance_weight x balance}
 
         predict(inputs, data_samples, tasks=None):  tasks = argument or infer_tasks
@@ -48,6 +51,10 @@ class MultiTaskSegmentor(BaseSegmentor):
         task_batched: run the per-task passes of training as one batched pass (same
             losses and gradients). Default: on for multi_gate / task_conditioned routers
             (the shared router always runs a single pass).
+        tam: None (default) or ``dict(levels=(0, 1, 2), loss_weight=1.0, **kwargs)``:
+            a training-only :class:`TaskAttentionModule` per head stage level (kwargs
+            such as ``channels``, ``norm_cfg`` go to it); its auxiliary predictions add
+            losses only, inference never runs it. All heads must share ``channels``.
         train_cfg / test_cfg: accepted for mmseg config compatibility; unused.
         data_preprocessor: e.g. ``MultiTaskDataPreprocessor``.
     """
@@ -60,6 +67,7 @@ class MultiTaskSegmentor(BaseSegmentor):
         moe_balance_weight: float = 0.01,
         infer_tasks: Sequence[str] | None = None,
         task_batched: bool | None = None,
+        tam: dict | None = None,
         train_cfg: dict | None = None,
         test_cfg: dict | None = None,
         data_preprocessor: dict | None = None,
@@ -98,6 +106,37 @@ class MultiTaskSegmentor(BaseSegmentor):
         self.shared = getattr(self.backbone, "router_variant", None) == "shared"
         self.task_batched = (not self.shared) if task_batched is None else bool(task_batched)
         self.train_cfg, self.test_cfg = train_cfg, test_cfg
+        self._build_tam(tam)
+
+    def _build_tam(self, tam: dict | None) -> None:
+        self.tam_levels: list[int] = []
+        self.tam_loss_weight = 0.0
+        if tam is None:
+            return
+        cfg = dict(tam)
+        levels = [int(v) for v in cfg.pop("levels", (0, 1, 2))]
+        self.tam_loss_weight = float(cfg.pop("loss_weight", 1.0))
+        channels = {t: getattr(h, "channels", None) for t, h in self.heads.items()}
+        if len(set(channels.values())) != 1 or None in channels.values():
+            raise ValueError(f"tam needs heads with equal conv channels, got {channels}")
+        num_stages = min(h.num_up + 1 for h in self.heads.values())
+        bad = [v for v in levels if not 0 <= v < num_stages]
+        if bad or not levels:
+            raise ValueError(f"tam levels {levels} must be in [0, {num_stages}) and non-empty")
+        if len(self.tasks) < 2:
+            raise ValueError(f"tam needs at least two tasks, got {self.tasks}")
+        self.tam_levels = levels
+        self.tam = nn.ModuleDict()
+        for level in levels:
+            self.tam[f"level{level}"] = MODELS.build(
+                dict(
+                    cfg,
+                    type="TaskAttentionModule",
+                    tasks=self.tasks,
+                    in_channels=next(iter(channels.values())),
+                    num_classes={t: h.num_classes for t, h in self.heads.items()},
+                )
+            )
 
     # ------------------------------------------------------------------ features
     def extract_feat(
@@ -135,12 +174,25 @@ class MultiTaskSegmentor(BaseSegmentor):
         """Losses of every task ``'<task>.loss_*'`` (weighted) and ``'loss_moe_balance'``."""
         feats, balance = self.extract_feat(inputs, self.tasks)
         losses: dict[str, Tensor] = {}
+        stage_feats: dict[str, list[Tensor]] = {}
         for task in self.tasks:
             f = feats[task]
-            logits = self.heads[task](f.tokens, f.grid, inputs.shape[-2:])
+            logits, stage_feats[task] = self.heads[task].forward_with_features(
+                f.tokens, f.grid, inputs.shape[-2:]
+            )
             task_losses = self.heads[task].loss_by_feat(logits, data_samples)
             weight = self.loss_weights[task]
             losses.update(add_prefix({k: v * weight for k, v in task_losses.items()}, task))
+        for level in self.tam_levels:
+            aux = self.tam[f"level{level}"]({t: stage_feats[t][level] for t in self.tasks})
+            for task, logits in aux.items():
+                head = self.heads[task]
+                logits = F.interpolate(
+                    logits, inputs.shape[-2:], mode="bilinear", align_corners=head.align_corners
+                )
+                weight = self.loss_weights[task] * self.tam_loss_weight
+                for k, v in head.loss_by_feat(logits, data_samples).items():
+                    losses[f"{task}.tam{level}_{k}"] = v * weight
         losses["loss_moe_balance"] = balance * self.moe_balance_weight
         return losses
 
