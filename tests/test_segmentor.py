@@ -273,3 +273,16 @@ def test_tam_is_training_only_and_off_by_default() -> None:
     assert calls == []
     with pytest.raises(ValueError, match="tam levels"):
         build(tam=dict(levels=(4,)))
+
+
+def test_task_batched_features_split_per_task() -> None:
+    model = build().eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        feats, _ = model.extract_feat(x, ["normals", "semseg"])
+        for task in ["normals", "semseg"]:
+            ref = model.backbone(x, task)
+            assert torch.allclose(feats[task].tokens, ref.tokens, atol=1e-5)
+            for got, want in zip(feats[task].routing, ref.routing):
+                assert torch.equal(got.expert_ids, want.expert_ids)
+                assert torch.allclose(got.gates, want.gates, atol=1e-6)

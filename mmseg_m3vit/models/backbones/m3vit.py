@@ -269,6 +269,8 @@ class M3ViT(BaseModule):
 
     # ------------------------------------------------------------------ init / loading
     def _reset_dense_parameters(self) -> None:
+        """timm ViT init: every matrix (linears, experts, routers) trunc-normal std 0.02,
+        zero biases, LayerNorms at identity; position embeddings and CLS std 0.02."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -276,6 +278,11 @@ class M3ViT(BaseModule):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, MoEFFN):
+                for w in (m.w1, m.w2):
+                    nn.init.trunc_normal_(w, std=0.02)
+                nn.init.zeros_(m.b1)
+                nn.init.zeros_(m.b2)
 
     def init_weights(self) -> None:
         """Load ``pretrained`` (if set) on top of the random init done at construction."""
@@ -383,7 +390,9 @@ class M3ViT(BaseModule):
         """Index of the first MoE block (num_layers when there is none)."""
         return self.moe_layers[0] if self.moe_layers else len(self.blocks)
 
-    def task_ids(self, task: str | Tensor | None, batch_size: int, device: torch.device):
+    def task_ids(
+        self, task: str | Tensor | None, batch_size: int, device: torch.device
+    ) -> Tensor | None:
         """Resolve ``task`` to per-sample indices (B,) long, or None for the shared router.
 
         ``task``: a task name (whole batch), a (B,) long tensor of indices into
