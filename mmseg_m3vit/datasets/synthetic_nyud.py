@@ -197,7 +197,7 @@ def _intersect(
         ``idx`` (M,) indices of the rays tested, their hit distances ``t`` (M,)
         (inf = miss) and outward world normals (M, 3).
     """
-    radius = _bounding_radius(ob)
+    radius = 1.01 * _bounding_radius(ob) + 1e-3  # margin for float32 cancellation
     oc = ob.centre - o
     if dd is None:
         dd = np.einsum("ij,ij->i", d, d)
