@@ -114,3 +114,8 @@ def get_dispatch(name: str, device: torch.device | None = None) -> DispatchFn:
         raise ValueError(
             f"unknown MoE dispatch {name!r}; choose 'auto' or one of {sorted(DISPATCH_IMPLS)}"
         ) from None
+
+
+# The grouped-matmul CUDA path (torch._grouped_mm) registers itself as 'grouped', which
+# 'auto' then picks for CUDA tensors; imported last because it builds on the names above.
+from . import grouped  # noqa: E402, F401

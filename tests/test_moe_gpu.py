@@ -1,0 +1,210 @@
+"""Grouped-matmul MoE dispatch against independent references.
+
+References: a per-token, per-slot Python loop in float64 (small sizes) and a dense
+"every token through every expert" float64 evaluation (benchmark scale, GPU only). The
+CPU tests exercise the grouped algorithm (sorting, offsets, folded bias, gathers and
+their hand-written backwards) in float32 where this torch runs ``_grouped_mm`` on CPU;
+the GPU tests run the bf16 CUDA path. Errors are relative Frobenius norms.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmseg_m3vit.models.moe.dispatch import get_dispatch, sorted_dispatch
+from mmseg_m3vit.models.moe.grouped import grouped_dispatch, grouped_expert_ffn
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_problem(
+    m: int, d: int, hd: int, e: int, k: int, empty: tuple[int, ...], seed: int, device: str = "cpu"
+) -> dict[str, Tensor]:
+    """Random float64 problem; experts listed in ``empty`` receive no token."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([i for i in range(e) if i not in empty])
+    pick = torch.rand(m, len(allowed), generator=g).argsort(dim=1)[:, :k]
+    ids = allowed[pick]  # (m, k) distinct experts per token
+    gates = torch.rand(m, k, generator=g, dtype=torch.float64)
+    p = {
+        "x": torch.randn(m, d, generator=g, dtype=torch.float64),
+        "expert_ids": ids,
+        "gates": gates,
+        "w1": torch.randn(e, d, hd, generator=g, dtype=torch.float64) / d**0.5,
+        "b1": torch.randn(e, hd, generator=g, dtype=torch.float64) * 0.1,
+        "w2": torch.randn(e, hd, d, generator=g, dtype=torch.float64) / hd**0.5,
+        "b2": torch.randn(e, d, generator=g, dtype=torch.float64) * 0.1,
+    }
+    return {n: t.to(device) for n, t in p.items()}
+
+
+GRAD_NAMES = ("x", "gates", "w1", "b1", "w2", "b2")
+
+
+def per_token_reference(
+    x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensor:
+    """out[m] = sum_j g[m,j] * (GELU(x[m] @ w1[e] + b1[e]) @ w2[e] + b2[e]), token by token."""
+    rows = []
+    for i in range(x.shape[0]):
+        acc = torch.zeros_like(x[i])
+        for j in range(expert_ids.shape[1]):
+            e = int(expert_ids[i, j])
+            h = F.gelu(x[i] @ w1[e] + b1[e])
+            acc = acc + gates[i, j] * (h @ w2[e] + b2[e])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def all_experts_reference(
+    x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensor:
+    """Every token through every expert, weighted by the (M, E) scattered gates."""
+    dense_gates = gates.new_zeros(x.shape[0], w1.shape[0]).scatter(1, expert_ids, gates)
+    h = F.gelu(torch.einsum("md,edh->meh", x, w1) + b1)
+    y = torch.einsum("meh,ehd->med", h, w2) + b2
+    return (dense_gates.unsqueeze(-1) * y).sum(1)
+
+
+def run_with_grads(fn, p: dict[str, Tensor], grad_out: Tensor, dtype: torch.dtype):
+    """fn(**p cast to dtype) and the gradients of <out, grad_out> w.r.t. GRAD_NAMES."""
+    leaves = {
+        n: (t.detach().to(dtype).clone().requires_grad_(True) if n in GRAD_NAMES else t)
+        for n, t in p.items()
+    }
+    out = fn(**leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out, {n: leaves[n].grad for n in GRAD_NAMES}
+
+
+def _cpu_grouped_mm_works() -> bool:
+    try:
+        a, b = torch.ones(4, 8), torch.ones(2, 8, 8)
+        torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@pytest.mark.skipif(not _cpu_grouped_mm_works(), reason="torch has no CPU float32 _grouped_mm")
+def test_grouped_algorithm_matches_per_token_loop_cpu() -> None:
+    """Float32 grouped path vs the float64 per-token loop; experts 2 and 5 get no token."""
+    p = make_problem(m=23, d=16, hd=24, e=8, k=3, empty=(2, 5), seed=0)
+    grad_out = torch.randn(23, 16, dtype=torch.float64)
+    ref, ref_grads = run_with_grads(per_token_reference, p, grad_out, torch.float64)
+
+    def fn(**kw: Tensor) -> Tensor:
+        return grouped_expert_ffn(**kw, compute_dtype=torch.float32)
+
+    out, grads = run_with_grads(fn, p, grad_out, torch.float32)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5
+    for n in GRAD_NAMES:
+        assert rel_err(grads[n], ref_grads[n]) < 1e-5, n
+    for e in (2, 5):  # unused experts: exactly zero weight gradients
+        for n in ("w1", "b1", "w2", "b2"):
+            assert torch.count_nonzero(grads[n][e]) == 0, (n, e)
+
+
+def test_grouped_dispatch_falls_back_to_sorted_on_cpu() -> None:
+    """On CPU the registered 'grouped' entry point is the sorted path, bit for bit."""
+    p = make_problem(m=9, d=8, hd=8, e=4, k=2, empty=(), seed=1)
+    p32 = {n: (t.float() if t.is_floating_point() else t) for n, t in p.items()}
+    assert torch.equal(grouped_dispatch(**p32), sorted_dispatch(**p32))
+    assert get_dispatch("grouped") is grouped_dispatch
+    assert get_dispatch("auto", torch.device("cpu")) is sorted_dispatch
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("empty", [(), (0, 3, 7)])
+def test_grouped_cuda_bf16_matches_per_token_loop(empty: tuple[int, ...]) -> None:
+    """bf16 CUDA path vs the float64 per-token loop on CPU, forward and backward."""
+    p = make_problem(m=37, d=64, hd=48, e=8, k=4, empty=empty, seed=2)
+    grad_out = torch.randn(37, 64, dtype=torch.float64)
+    ref, ref_grads = run_with_grads(per_token_reference, p, grad_out, torch.float64)
+    pc = {n: t.cuda() for n, t in p.items()}
+    out, grads = run_with_grads(grouped_dispatch, pc, grad_out.cuda(), torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.is_cuda
+    assert rel_err(out, ref) < 1.5e-2
+    for n in GRAD_NAMES:
+        assert rel_err(grads[n], ref_grads[n]) < 2e-2, n
+    for e in empty:
+        for n in ("w1", "b1", "w2", "b2"):
+            assert torch.count_nonzero(grads[n][e]) == 0, (n, e)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_grouped_cuda_autocast_scale_no_sync_no_stale_rows() -> None:
+    """NYUD scale (8 x 1201 tokens, D=384, E=16, k=4, Hd=384) under bf16 autocast.
+
+    Float32 inputs, as the model gives them; float64 all-experts reference. The hot path
+    must not synchronise with the host, and must write every output row: the allocator
+    is first filled with NaN-poisoned blocks that the path would reuse.
+    """
+    p = make_problem(m=8 * 1201, d=384, hd=384, e=16, k=4, empty=(11,), seed=3, device="cuda")
+    grad_out = torch.randn(8 * 1201, 384, dtype=torch.float64, device="cuda")
+    ref, ref_grads = run_with_grads(all_experts_reference, p, grad_out, torch.float64)
+    poison = torch.full((256 * 2**20,), float("nan"), device="cuda")
+    del poison
+
+    def fn(**kw: Tensor) -> Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return grouped_dispatch(**kw)
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, grads = run_with_grads(fn, p, grad_out, torch.float32)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1.5e-2
+    for n in GRAD_NAMES:
+        assert grads[n].dtype == torch.float32
+        assert rel_err(grads[n], ref_grads[n]) < 2e-2, n
+    assert torch.count_nonzero(grads["w1"][11]) == 0
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_grouped_cuda_float32_falls_back_exactly() -> None:
+    """Without bf16 compute the CUDA call is the sorted path (float32 semantics kept)."""
+    p = make_problem(m=21, d=32, hd=16, e=4, k=2, empty=(), seed=4, device="cuda")
+    p32 = {n: (t.float() if t.is_floating_point() else t) for n, t in p.items()}
+    assert torch.equal(grouped_dispatch(**p32), sorted_dispatch(**p32))
+
+
+def _load_benchmark():
+    """tools/analysis_tools/benchmark.py as a module (tools/ is not a package)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).parents[1] / "tools" / "analysis_tools" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("m3vit_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_loop_baseline_and_moe_table_cpu() -> None:
+    """The benchmark's per-expert-loop baseline is the same function; part (a) runs on CPU."""
+    bench = _load_benchmark()
+    p = make_problem(m=15, d=8, hd=8, e=5, k=2, empty=(4,), seed=5)
+    ref = per_token_reference(**p)
+    assert rel_err(bench.expert_loop_dispatch(**p), ref) < 1e-12
+    text = bench.moe_ffn_part("cpu", bench.MoEScale(1, 9, 8, 8, 4, 2), warmup=0, reps=1)
+    assert text.count("\n|") == 6  # header, rule, four implementations
