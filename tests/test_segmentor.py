@@ -101,9 +101,10 @@ def test_loss_weights_and_balance_against_direct_calls() -> None:
         logits = head(out.tokens, out.grid)
         raw = float(head.loss_decode(logits, gt).detach())
         key = f"{task}.{head.loss_decode.loss_name}"
-        assert float(losses[key]) == pytest.approx(raw * model.loss_weights[task], rel=1e-5)
+        expected = raw * model.loss_weights[task]
+        assert float(losses[key].detach()) == pytest.approx(expected, rel=1e-5)
     assert model.loss_weights["edge"] == 50.0
-    assert float(losses["loss_moe_balance"]) == pytest.approx(0.01 * balance, rel=1e-5)
+    assert float(losses["loss_moe_balance"].detach()) == pytest.approx(0.01 * balance, rel=1e-5)
 
 
 def _losses_and_grads(model, x, ds):
