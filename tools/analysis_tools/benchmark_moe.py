@@ -14,7 +14,8 @@ random router logits):
 - ``loop``: a per-expert Python loop (Mixtral style: ``where`` the expert was chosen,
   run it on those tokens, ``index_add`` the weighted output);
 - every registered MoE dispatch (:data:`mmseg_m3vit.models.moe.DISPATCH_IMPLS`):
-  ``sorted`` (portable) and, where registered, ``grouped`` (CUDA grouped GEMM).
+  ``sorted`` (portable) and, on CUDA, ``grouped`` (grouped GEMM; timed on CUDA only,
+  since elsewhere it falls back to ``sorted``).
 
 A benchmark, not a test: it prints milliseconds per forward+backward (median over
 ``--iters`` after warm-up) and the ratio to ``dense``. CUDA runs only when available.
@@ -94,6 +95,8 @@ def run_device(args: argparse.Namespace, device: torch.device, images: int) -> l
         "loop": lambda: loop_dispatch(x, ids, gates, w1, b1, w2, b2),
     }
     for name, fn in DISPATCH_IMPLS.items():
+        if name != "sorted" and device.type != "cuda":
+            continue  # the fast paths are CUDA-only and fall back to 'sorted' elsewhere
         impls[name] = lambda fn=fn: fn(x, ids, gates, w1, b1, w2, b2)
     rows = []
     dense_ms = None
