@@ -24,6 +24,7 @@ import mmseg_m3vit  # noqa: E402, F401  (registers the plugin before the config 
 from mmseg_m3vit.engine import (  # noqa: E402
     check_config_tasks,
     check_data_roots,
+    check_pretrained,
     init_cpu_distributed,
 )
 
@@ -88,6 +89,7 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg.load_from = args.resume
     check_config_tasks(cfg)
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
+    check_pretrained(cfg)  # the runner initialises weights even when resuming
     return cfg
 
 

@@ -5,6 +5,7 @@ from .hooks import NonFiniteLossError, NonFiniteLossHook
 from .preflight import (
     check_config_tasks,
     check_data_roots,
+    check_pretrained,
     config_tasks,
     restrict_to_tasks,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "NonFiniteLossHook",
     "check_config_tasks",
     "check_data_roots",
+    "check_pretrained",
     "colorize",
     "config_tasks",
     "format_metric_table",

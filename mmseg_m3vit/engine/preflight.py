@@ -18,6 +18,8 @@ from ..tasks import TASK_SPECS, check_tasks
 
 #: Config keys whose value is a list of task names.
 TASK_LIST_KEYS = ("tasks", "infer_tasks")
+#: Config keys whose value is a dict keyed by task name.
+TASK_DICT_KEYS = ("decode_heads", "loss_weights")
 #: Config keys whose value is one task name.
 TASK_NAME_KEYS = ("task",)
 DATALOADER_KEYS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -76,8 +78,9 @@ def _walk(obj: Any, path: str) -> Iterator[tuple[str, str, Any]]:
 def check_config_tasks(cfg: Config) -> None:
     """Validate every task name in the config against the task table.
 
-    Looks at keys ``tasks`` / ``infer_tasks`` (lists) and ``task`` (one name) anywhere in
-    ``model``, the dataloaders and the evaluators.
+    Looks at keys ``tasks`` / ``infer_tasks`` (lists), ``decode_heads`` / ``loss_weights``
+    (dicts keyed by task) and ``task`` (one name) anywhere in ``model``, the dataloaders
+    and the evaluators.
 
     Raises:
         ValueError: naming the config key, the unknown task(s) and the valid tasks.
@@ -92,6 +95,12 @@ def check_config_tasks(cfg: Config) -> None:
                     value = [value]
                 try:
                     check_tasks(value, valid, what=f"tasks in {path}")
+                except ValueError as err:
+                    raise ValueError(f"config key {path}: {err}") from None
+            elif key in TASK_DICT_KEYS and isinstance(value, dict):
+                names = [k for k in value if k != "_delete_"]
+                try:
+                    check_tasks(names, valid, what=f"tasks in {path}")
                 except ValueError as err:
                     raise ValueError(f"config key {path}: {err}") from None
             elif key in TASK_NAME_KEYS and isinstance(value, str) and value not in TASK_SPECS:
@@ -169,3 +178,20 @@ def restrict_to_tasks(cfg: Config, tasks: Sequence[str]) -> Config:
             if ds.get("tasks"):
                 ds["tasks"] = [t for t in ds["tasks"] if t in tasks]
     return cfg
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Fail unless ``model.backbone.pretrained`` (when set) is an existing local file.
+
+    Raises:
+        FileNotFoundError: naming the key and the path, with the DeiT-S download hint.
+    """
+    backbone = cfg.get("model", {}).get("backbone", {})
+    path = backbone.get("pretrained")
+    if path and not osp.isfile(path):
+        raise FileNotFoundError(
+            f"model.backbone.pretrained = {path!r} does not exist. Download the DeiT-S "
+            "ImageNet weights there (https://dl.fbaipublicfiles.com/deit/"
+            "deit_small_patch16_224-cd65a155.pth), point the key at your copy, or train "
+            "from scratch with --cfg-options model.backbone.pretrained=None"
+        )

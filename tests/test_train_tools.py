@@ -1,0 +1,311 @@
+"""tools/train.py, tools/test.py, the routing tool and the engine hooks, end to end on a
+tiny config and a tiny synthetic NYUD-MT set (32x48 images).
+
+Covers: resume after SIGKILL equals an uninterrupted run; a NaN loss stops training with
+a message naming the task and iteration and keeps the last good checkpoint; unknown task
+names (config or --task) fail listing the valid tasks; a missing data root fails before
+any model is built; --task evaluates only the chosen tasks; routing fractions sum to k.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import importlib.util
+import os
+import os.path as osp
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from types import ModuleType
+
+import pytest
+import torch
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+from mmseg.registry import HOOKS, MODELS
+
+import mmseg_m3vit  # noqa: F401  (registers the plugin)
+from mmseg_m3vit.engine import NonFiniteLossError
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def load_tool(relpath: str, name: str) -> ModuleType:
+    """Import a script under tools/ by path (``test`` would clash with the stdlib)."""
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_tool = load_tool("tools/train.py", "m3vit_tools_train")
+test_tool = load_tool("tools/test.py", "m3vit_tools_test")
+routing_tool = load_tool("tools/analysis_tools/routing.py", "m3vit_tools_routing")
+
+
+NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
+# TEMPORARY until mmseg_m3vit/evaluation/metrics/__init__.py imports its modules.
+METRIC_MODULES = [
+    f"mmseg_m3vit.evaluation.metrics.{m}"
+    for m in ("iou_metric", "depth_metric", "normals_metric", "edge_metric")
+]
+for _m in METRIC_MODULES:
+    importlib.import_module(_m)
+MAX_ITERS = 6
+
+
+def tiny_config(path: str, data_root: str, extra: str = "") -> str:
+    """Write a tiny config inheriting the synthetic one; returns its path."""
+    base = osp.join(ROOT, "configs", "m3vit_synthetic.py")
+    text = f"""
+    _base_ = [{base!r}]
+    data_root = {data_root!r}
+    pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadMultiTaskAnnotations'),
+        dict(type='MultiTaskRandomFlip', prob=0.5, direction='horizontal'),
+        dict(type='PackMultiTaskInputs'),
+    ]
+    test_pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadMultiTaskAnnotations'),
+        dict(type='PackMultiTaskInputs'),
+    ]
+    model = dict(
+        backbone=dict(img_size=(32, 48), embed_dims=32, num_heads=2, num_experts=4,
+                      top_k=2, expert_hidden_dims=16),
+        decode_heads=dict(semseg=dict(channels=8), depth=dict(channels=8),
+                          normals=dict(channels=8), edge=dict(channels=8)),
+    )
+    train_dataloader = dict(batch_size=2,
+                            dataset=dict(data_root=data_root, pipeline=pipeline))
+    val_dataloader = dict(batch_size=2,
+                          dataset=dict(data_root=data_root, pipeline=test_pipeline))
+    test_dataloader = dict(batch_size=2,
+                           dataset=dict(data_root=data_root, pipeline=test_pipeline))
+    val_evaluator = [
+        dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
+        dict(type='DepthErrorMetric'),
+        dict(type='NormalsAngleMetric'),
+        dict(type='EdgeODSMetric', num_thresholds=5),
+    ]
+    test_evaluator = val_evaluator
+    param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0,
+                            end={MAX_ITERS}, by_epoch=False)]
+    train_cfg = dict(max_iters={MAX_ITERS}, val_interval=100)
+    default_hooks = dict(
+        logger=dict(interval=1),
+        checkpoint=dict(interval=2, max_keep_ckpts=-1, save_best=None, save_last=True),
+    )
+    randomness = dict(seed=0, deterministic=False)
+    custom_imports = dict(imports=['mmseg_m3vit'] + {METRIC_MODULES!r},
+                          allow_failed_imports=False)
+    """
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text) + textwrap.dedent(extra))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """12 train + 4 val synthetic images of 32x48."""
+    from mmseg_m3vit.datasets.synthetic_nyud import generate
+
+    root = str(tmp_path_factory.mktemp("data") / "synthetic_nyud")
+    generate(root, 12, 4, size=(32, 48), workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory, data_root: str) -> str:
+    return tiny_config(str(tmp_path_factory.mktemp("cfg") / "tiny.py"), data_root)
+
+
+def run_train(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run tools/train.py in a fresh process (as a user would)."""
+    return subprocess.run(
+        [sys.executable, osp.join(ROOT, "tools", "train.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, config: str) -> str:
+    """Work dir of one uninterrupted MAX_ITERS-iteration run."""
+    work = str(tmp_path_factory.mktemp("uninterrupted"))
+    proc = run_train([config, "--work-dir", work])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
+
+
+def load_state(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path: str, config: str, trained: str) -> None:
+    # A hook module that SIGKILLs the process at the start of iteration 4 (after the
+    # checkpoint of iteration 2 and the update of iteration 3): no clean-up runs.
+    (tmp_path / "kill_hook_m3vit_test.py").write_text(
+        textwrap.dedent(
+            """
+            import os, signal
+            from mmengine.hooks import Hook
+            from mmseg.registry import HOOKS
+
+            @HOOKS.register_module()
+            class KillAtIterHook(Hook):
+                def before_train_iter(self, runner, batch_idx, data_batch=None):
+                    if runner.iter == 3:
+                        os.kill(os.getpid(), signal.SIGKILL)
+            """
+        )
+    )
+    killed_cfg = str(tmp_path / "killed.py")
+    with open(killed_cfg, "w") as f:
+        f.write(
+            f"_base_ = [{config!r}]\n"
+            "custom_imports = dict(imports=['mmseg_m3vit', 'kill_hook_m3vit_test', "
+            f"*{METRIC_MODULES!r}], allow_failed_imports=False)\n"
+            "custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='KillAtIterHook')]\n"
+        )
+    work = str(tmp_path / "work")
+    env = {"PYTHONPATH": str(tmp_path)}
+    proc = run_train([killed_cfg, "--work-dir", work], env)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    assert osp.isfile(osp.join(work, "iter_2.pth"))
+    assert not osp.isfile(osp.join(work, f"iter_{MAX_ITERS}.pth"))
+
+    proc = run_train([config, "--work-dir", work, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Advance dataloader 2 steps" in proc.stdout + proc.stderr
+
+    resumed = load_state(osp.join(work, f"iter_{MAX_ITERS}.pth"))
+    reference = load_state(osp.join(trained, f"iter_{MAX_ITERS}.pth"))
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
+    # and training did change the weights (the comparison is not between two inits)
+    first = load_state(osp.join(trained, "iter_2.pth"))
+    assert any(not torch.equal(first[k], reference[k]) for k in reference)
+
+
+@HOOKS.register_module(force=True)
+class PoisonDepthHeadHook(Hook):
+    """Test helper: makes the depth head output NaN from iteration ``at`` (1-based)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if runner.iter + 1 == self.at:
+            model = runner.model.module if hasattr(runner.model, "module") else runner.model
+            with torch.no_grad():
+                for p in model.heads["depth"].parameters():
+                    p.fill_(float("nan"))
+
+
+def test_nan_loss_stops_naming_task_and_iteration(tmp_path, config: str) -> None:
+    work = str(tmp_path / "work")
+    args = train_tool.parse_args([config, "--work-dir", work])
+    cfg = train_tool.build_config(args)
+    cfg.custom_hooks = [*cfg.custom_hooks, dict(type="PoisonDepthHeadHook", at=3)]
+    cfg.experiment_name = "nan_test"
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(NonFiniteLossError) as err:
+        runner.train()
+    msg = str(err.value)
+    assert "iteration 3" in msg and "task 'depth'" in msg and "depth.loss_depth" in msg
+    # checkpoint of iteration 2 kept and still finite; iteration 3 never saved
+    assert osp.isfile(osp.join(work, "iter_2.pth"))
+    assert not glob.glob(osp.join(work, "iter_3.pth"))
+    with open(osp.join(work, "last_checkpoint")) as f:
+        assert f.read().strip().endswith("iter_2.pth")
+    assert "iter_2.pth" in msg
+    state = load_state(osp.join(work, "iter_2.pth"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_unknown_task_in_config_lists_valid_tasks(config: str) -> None:
+    args = train_tool.parse_args(
+        [config, "--cfg-options", "train_dataloader.dataset.tasks=[semseg,dpeth]"]
+    )
+    with pytest.raises(ValueError) as err:
+        train_tool.build_config(args)
+    msg = str(err.value)
+    assert "dpeth" in msg and "train_dataloader.dataset.tasks" in msg
+    assert "valid tasks" in msg and "'normals'" in msg
+
+
+def test_unknown_head_task_in_config(tmp_path, config: str) -> None:
+    cfg_path = str(tmp_path / "bad_head.py")
+    with open(cfg_path, "w") as f:
+        f.write(
+            f"_base_ = [{config!r}]\n"
+            "model = dict(decode_heads=dict(segsem=dict(type='PUPHead', num_classes=40, "
+            "loss_decode=dict(type='PixelCrossEntropyLoss'))))\n"
+        )
+    with pytest.raises(ValueError, match=r"segsem.*valid tasks"):
+        train_tool.build_config(train_tool.parse_args([cfg_path]))
+
+
+def test_unknown_task_on_test_command_line(tmp_path, config: str) -> None:
+    ckpt = tmp_path / "fake.pth"
+    ckpt.write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        test_tool.build_config(test_tool.parse_args([config, str(ckpt), "--task", "dpeth"]))
+    assert "dpeth" in str(err.value)
+    assert str(NYUD_TASKS) in str(err.value)
+
+
+def test_missing_data_root_fails_before_model_is_built(tmp_path, config, monkeypatch) -> None:
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model or runner was built before the data root was checked")
+
+    monkeypatch.setattr(Runner, "from_cfg", no_build)
+    monkeypatch.setattr(MODELS, "build", no_build)
+    missing = str(tmp_path / "no_such_dir")
+    with pytest.raises(FileNotFoundError) as err:
+        train_tool.main(
+            [config, "--work-dir", str(tmp_path / "w"), "--cfg-options",
+             f"train_dataloader.dataset.data_root={missing}"]
+        )  # fmt: skip
+    assert missing in str(err.value) and "train_dataloader.dataset.data_root" in str(err.value)
+
+
+def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> None:
+    ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
+    out = str(tmp_path / "preds.pkl")
+    show = str(tmp_path / "show")
+    metrics = test_tool.main(
+        [config, ckpt, "--task", "depth", "--work-dir", str(tmp_path / "w"),
+         "--out", out, "--show-dir", show]
+    )  # fmt: skip
+    assert metrics and all(k.startswith("depth/") for k in metrics), metrics
+    with open(out, "rb") as f:
+        dumped = pickle.load(f)
+    assert len(dumped) == 4  # the 4 val images
+    assert "pred_depth_map" in dumped[0] and "pred_sem_seg" not in dumped[0]
+    assert len(glob.glob(osp.join(show, "*.png"))) == 4
+
+    # the single-task pathway gives the same depth as the all-task run
+    all_metrics = test_tool.main([config, ckpt, "--work-dir", str(tmp_path / "w2")])
+    assert set(all_metrics) > set(metrics)
+    assert all_metrics["depth/rmse"] == pytest.approx(metrics["depth/rmse"], rel=1e-5)
+
+
+def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
+    ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
+    png = str(tmp_path / "routing.png")
+    load = routing_tool.main([config, ckpt, "--task", "semseg", "edge", "--out", png])
+    assert set(load) == {"semseg", "edge"}
+    for arr in load.values():
+        assert arr.shape == (2, 4)  # 2 MoE layers (blocks 1, 3), 4 experts
+        torch.testing.assert_close(torch.from_numpy(arr.sum(1)), torch.full((2,), 2.0).double())
+    assert osp.getsize(png) > 0
