@@ -1,0 +1,141 @@
+"""Distributed data parallel on CPU: two gloo processes started by tools/dist_train.sh
+(torchrun) end with the same weights as one process with the same global batch.
+
+What makes the two runs exactly comparable (all of it is about the test, not the code):
+per-sample-decomposable losses (semseg CE on the synthetic set, which has no void label,
+and edge BCE, which has no ignored pixels), GroupNorm heads (BatchNorm statistics depend
+on the per-process batch, and SyncBN needs a GPU), no random augmentation (each process
+draws its own random numbers), and the MoE balance loss weighted 0 (its cv^2 over a
+batch is not a mean over samples). The data sharding (InfiniteSampler) gives process r
+the samples r, r+2, ... of the same seeded permutation, so process 0's batch {0, 2} and
+process 1's batch {1, 3} together equal the single process's batch {0, 1, 2, 3}, and
+DDP's gradient average equals the single process's gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import os.path as osp
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ITERS = 3
+# TEMPORARY until mmseg_m3vit/evaluation/metrics/__init__.py imports its modules.
+METRIC_MODULES = [f"mmseg_m3vit.evaluation.metrics.{m}" for m in ("iou_metric", "depth_metric")]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: str, data_root: str, batch_size: int) -> str:
+    base = osp.join(ROOT, "configs", "m3vit_synthetic.py")
+    text = f"""
+    _base_ = [{base!r}]
+    custom_imports = dict(imports=['mmseg_m3vit', *{METRIC_MODULES!r}],
+                          allow_failed_imports=False)
+    tasks = ['semseg', 'edge']
+    pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadMultiTaskAnnotations'),
+        dict(type='PackMultiTaskInputs'),
+    ]
+    gn = dict(type='GN', num_groups=4, requires_grad=True)
+    model = dict(
+        backbone=dict(img_size=(32, 48), embed_dims=32, num_heads=2, num_experts=4,
+                      top_k=2, expert_hidden_dims=16),
+        decode_heads=dict(
+            _delete_=True,
+            semseg=dict(type='PUPHead', num_classes=40, channels=8, norm_cfg=gn,
+                        loss_decode=dict(type='PixelCrossEntropyLoss')),
+            edge=dict(type='PUPHead', num_classes=1, channels=8, norm_cfg=gn,
+                      loss_decode=dict(type='BalancedBCELoss', pos_weight=0.95)),
+        ),
+        loss_weights=dict(_delete_=True, semseg=1.0, edge=50.0),
+        moe_balance_weight=0.0,
+    )
+    train_dataloader = dict(
+        batch_size={batch_size},
+        dataset=dict(data_root={data_root!r}, tasks=tasks, pipeline=pipeline),
+    )
+    test_dataloader = dict(dataset=dict(data_root={data_root!r}, tasks=tasks,
+                                        pipeline=pipeline))
+    test_evaluator = [dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40)]
+    val_dataloader = None
+    val_evaluator = None
+    val_cfg = None
+    param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0,
+                            end={ITERS}, by_epoch=False)]
+    train_cfg = dict(max_iters={ITERS}, val_interval={ITERS + 100})
+    default_hooks = dict(logger=dict(interval=1),
+                         checkpoint=dict(interval={ITERS}, save_best=None))
+    """
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    return path
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path) -> None:
+    from mmseg_m3vit.datasets.synthetic_nyud import generate
+
+    if shutil.which("bash") is None:
+        pytest.skip("bash is needed for tools/dist_train.sh")
+    data_root = str(tmp_path / "syn")
+    generate(data_root, 12, 2, size=(32, 48), workers=1, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+
+    single_cfg = write_config(str(tmp_path / "single.py"), data_root, batch_size=4)
+    single = subprocess.run(
+        [sys.executable, "tools/train.py", single_cfg, "--work-dir", str(tmp_path / "single")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    dist_cfg = write_config(str(tmp_path / "dist.py"), data_root, batch_size=2)
+    dist = subprocess.run(
+        ["bash", "tools/dist_train.sh", dist_cfg, "2", "--work-dir", str(tmp_path / "dist")],
+        cwd=ROOT, env={**env, "PORT": str(free_port())}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    log = dist.stdout + dist.stderr
+    assert dist.returncode == 0, log[-4000:]
+    assert "Distributed training is not used" not in log
+    assert "Distributed training: True" in log, log[-3000:]
+
+    def state(work: str) -> dict[str, torch.Tensor]:
+        ckpt = torch.load(osp.join(work, f"iter_{ITERS}.pth"), map_location="cpu",
+                          weights_only=False)  # fmt: skip
+        return ckpt["state_dict"]
+
+    one, two = state(str(tmp_path / "single")), state(str(tmp_path / "dist"))
+    assert one.keys() == two.keys()
+    assert not any(k.startswith("module.") for k in two)  # a plain single-file checkpoint
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    # the weights moved: the comparison is between trained models
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    import mmseg_m3vit  # noqa: F401
+
+    init_default_scope("mmseg")
+    cfg = Config.fromfile(single_cfg)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    init = model.state_dict()
+    moved = [k for k in one if one[k].is_floating_point() and not torch.equal(one[k], init[k])]
+    assert len(moved) > len(one) // 2
+    # the distributed checkpoint loads into a plain (CPU, single-process) model
+    model.load_state_dict(two, strict=True)
