@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.evaluator import Evaluator
+from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 from scipy.optimize import linear_sum_assignment
@@ -88,7 +89,7 @@ def test_iou_rejects_bad_labels_and_sizes():
     with pytest.raises(ValueError, match="ground truth size"):
         metric.process(None, [sample(semseg=(np.zeros((2, 2), int), np.zeros((3, 2), int)))])
     with pytest.raises(ValueError, match="'depth'"):
-        MultiTaskIoUMetric(task="depth")
+        MultiTaskIoUMetric(task="depth", num_classes=2)
 
 
 def test_iou_reads_seg_data_samples():
@@ -171,6 +172,16 @@ def test_normals_median_pools_pixels_of_all_images():
     errors = np.concatenate(errors)
     assert res["normals/mean"] == pytest.approx(errors.mean())
     assert res["normals/median"] == pytest.approx(np.median(errors), abs=0.051)
+
+
+def test_normals_rejects_non_finite_prediction():
+    pred, gt = _normals_case()
+    pred[0, 0, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        NormalsAngleMetric().process(None, [sample(normals=(pred, gt))])
+    pred, gt = _normals_case()
+    pred[0, 0, 5] = np.nan  # at the invalid pixel: ignored
+    NormalsAngleMetric().process(None, [sample(normals=(pred, gt))])
 
 
 def test_normals_perfect():
@@ -373,6 +384,21 @@ def test_delta_metric_through_evaluator():
         (res["multitask/delta_semseg"] + res["multitask/delta_depth"]) / 2
     )
     assert metric.metrics["semseg"].dataset_meta == dict(classes=("a", "b", "c"))
+
+
+def test_delta_metric_built_by_name_in_mmseg_scope():
+    cfg = dict(
+        type="MultiTaskDeltaMetric",
+        dataset="pascal",
+        metrics=dict(sal=dict(type="SaliencyMetric", iou_thresholds=[0.5])),
+    )
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        evaluator = Evaluator(cfg)
+    gt = np.array([[1, 0], [0, 1]])
+    evaluator.process([sample(sal=(gt * 0.9, gt))])
+    res = evaluator.evaluate(1)
+    assert res["sal/maxIoU"] == 100.0
+    assert res["multitask/delta_m"] == pytest.approx((100 - 66.3) / 66.3 * 100)
 
 
 def test_delta_metric_config_errors():

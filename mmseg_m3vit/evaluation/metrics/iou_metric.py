@@ -74,8 +74,8 @@ class MultiTaskIoUMetric(BaseMetric):
 
     def __init__(
         self,
-        task: str = "semseg",
-        num_classes: int = 40,
+        task: str,
+        num_classes: int,
         ignore_index: int = 255,
         class_names: Sequence[str] | None = None,
         collect_device: str = "cpu",

@@ -30,12 +30,20 @@ def angular_errors(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
     Returns:
         float64 array (N,) of the N valid pixels' errors.
+
+    Raises:
+        ValueError: the prediction is NaN or infinite at a valid pixel.
     """
     p = pred.reshape(3, -1).astype(np.float64)
     g = gt.reshape(3, -1).astype(np.float64)
     g_norm = np.linalg.norm(g, axis=0)
     valid = np.isfinite(g_norm) & (g_norm > 0)
     p, g, g_norm = p[:, valid], g[:, valid], g_norm[valid]
+    if not np.isfinite(p).all():
+        raise ValueError(
+            f"task 'normals': prediction has {np.count_nonzero(~np.isfinite(p))} non-finite "
+            "values at valid pixels"
+        )
     p_norm = np.linalg.norm(p, axis=0)
     p = p / np.maximum(p_norm, 1e-12)
     cos = np.sum(p * g, axis=0) / g_norm
