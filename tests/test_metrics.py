@@ -12,6 +12,7 @@ from mmengine.evaluator import Evaluator
 from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
+from scipy.ndimage import gaussian_filter, label
 from scipy.optimize import linear_sum_assignment
 
 from mmseg_m3vit.evaluation.metrics import (
@@ -311,11 +312,15 @@ def test_thin_matches_naive_reference():
     assert np.array_equal(thin(bar), expected)
     assert np.array_equal(_naive_thin(bar), expected)
     rng = np.random.default_rng(1)
-    from scipy.ndimage import gaussian_filter
-
+    eight = np.ones((3, 3))
     for _ in range(3):
         blob = gaussian_filter(rng.random((24, 24)), 1.5) > 0.5
-        assert np.array_equal(thin(blob), _naive_thin(blob))
+        thinned = thin(blob)
+        assert np.array_equal(thinned, _naive_thin(blob))
+        # Thinning keeps every 8-connected object and leaves no 2 x 2 block.
+        assert label(thinned, eight)[1] == label(blob, eight)[1]
+        blocks = thinned[:-1, :-1] & thinned[1:, :-1] & thinned[:-1, 1:] & thinned[1:, 1:]
+        assert not blocks.any()
 
 
 def test_match_edges_against_assignment():
@@ -330,7 +335,7 @@ def test_match_edges_against_assignment():
 
 
 def test_edge_speed_480x640():
-    from scipy.ndimage import distance_transform_edt, gaussian_filter
+    from scipy.ndimage import distance_transform_edt
 
     rng = np.random.default_rng(0)
     gt = np.zeros((480, 640), np.uint8)

@@ -59,8 +59,10 @@ class MultiTaskIoUMetric(BaseMetric):
     Per image it keeps only the per-class intersection / union / areas (4 x C integers).
     The IoU of class c is ``sum_images inter_c / sum_images union_c``; mIoU is the mean over
     classes that occur in the GT or the prediction of the data set (classes with empty
-    union are skipped, as in mmseg's ``IoUMetric``). ``aAcc`` is the pixel accuracy over
-    valid pixels, ``mAcc`` the mean per-class recall. A per-class table is logged.
+    union are skipped, as in mmseg's ``IoUMetric``; the MTL survey code counts them as IoU
+    0, which only differs when a class never occurs, e.g. on small or synthetic sets).
+    ``aAcc`` is the pixel accuracy over valid pixels, ``mAcc`` the mean per-class recall.
+    A per-class table is logged.
 
     Args:
         task: ``'semseg'`` or ``'parts'``; selects the data-sample fields via the task table.
