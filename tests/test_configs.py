@@ -7,7 +7,6 @@ allocated and no weights are initialised), so all configs build in seconds.
 from __future__ import annotations
 
 import glob
-import importlib
 import os.path as osp
 
 import pytest
@@ -30,9 +29,6 @@ CONFIGS = sorted(
 NAMES = [osp.relpath(p, osp.join(ROOT, "configs")) for p in CONFIGS]
 
 init_default_scope("mmseg")
-# TEMPORARY until mmseg_m3vit/evaluation/metrics/__init__.py imports its modules.
-for _m in ("iou_metric", "depth_metric", "normals_metric", "edge_metric", "saliency_metric"):
-    importlib.import_module(f"mmseg_m3vit.evaluation.metrics.{_m}")
 
 
 def test_configs_found() -> None:
@@ -54,8 +50,7 @@ def test_runtime_and_plugin_settings(cfg: Config) -> None:
     # mmseg.apis.inference_model needs a top-level test_pipeline
     assert cfg.test_pipeline == cfg.test_dataloader.dataset.pipeline
     ckpt = cfg.default_hooks.checkpoint
-    if ckpt.get("save_best"):
-        assert ckpt.rule == "greater"  # Δm: higher is better
+    assert (ckpt.save_best, ckpt.rule) == ("multitask/delta_m", "greater")
 
 
 def test_builds_model_with_matching_tasks(cfg: Config) -> None:
@@ -70,15 +65,13 @@ def test_builds_model_with_matching_tasks(cfg: Config) -> None:
         assert head.num_classes == DATASET_TASKS[dataset][task], task
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
         assert cfg[key].dataset.tasks == tasks, key
-    scored = []
-    for metric in cfg.test_evaluator:
-        METRICS.build(metric)
-        task, multi = metric_tasks_of(metric)
-        if task is not None:
-            scored.append(task)
-        elif multi is not None:
-            assert multi == tasks
-    assert sorted(scored) == sorted(tasks)
+    (evaluator,) = cfg.test_evaluator  # a list: a dict with 'metrics' means an Evaluator
+    assert evaluator.type == "MultiTaskDeltaMetric" and cfg.val_evaluator == [evaluator]
+    metric = METRICS.build(evaluator)
+    assert list(metric.metrics) == tasks
+    # delta_m averages the tasks with a published single-task reference
+    assert metric.delta_tasks == [t for t in tasks if t in metric.references]
+    assert metric.delta_tasks and set(metric.delta_tasks) >= {"semseg"}
 
 
 def test_model_selection_never_uses_the_test_split(cfg: Config) -> None:
@@ -100,6 +93,11 @@ def test_restrict_to_tasks_drops_other_metrics(cfg: Config) -> None:
     for metric in sub.test_evaluator:
         task, multi = metric_tasks_of(metric)
         assert task == one or multi == [one]
+        METRICS.build(metric)
+    two = restrict_to_tasks(cfg, tasks[:2])
+    (delta_cfg,) = two.test_evaluator
+    delta = METRICS.build(delta_cfg)
+    assert list(delta.metrics) == tasks[:2]
     assert sub.test_dataloader.dataset.tasks == [one]
     assert config_tasks(cfg) == tasks  # the original is untouched
     with pytest.raises(ValueError, match="valid tasks"):

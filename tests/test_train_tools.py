@@ -10,7 +10,6 @@ any model is built; --task evaluates only the chosen tasks; routing fractions su
 from __future__ import annotations
 
 import glob
-import importlib
 import importlib.util
 import os
 import os.path as osp
@@ -47,13 +46,6 @@ routing_tool = load_tool("tools/analysis_tools/routing.py", "m3vit_tools_routing
 
 
 NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
-# TEMPORARY until mmseg_m3vit/evaluation/metrics/__init__.py imports its modules.
-METRIC_MODULES = [
-    f"mmseg_m3vit.evaluation.metrics.{m}"
-    for m in ("iou_metric", "depth_metric", "normals_metric", "edge_metric")
-]
-for _m in METRIC_MODULES:
-    importlib.import_module(_m)
 MAX_ITERS = 6
 
 
@@ -87,10 +79,17 @@ def tiny_config(path: str, data_root: str, extra: str = "") -> str:
     test_dataloader = dict(batch_size=2,
                            dataset=dict(data_root=data_root, pipeline=test_pipeline))
     val_evaluator = [
-        dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
-        dict(type='DepthErrorMetric'),
-        dict(type='NormalsAngleMetric'),
-        dict(type='EdgeODSMetric', num_thresholds=5),
+        dict(
+            type='MultiTaskDeltaMetric',
+            dataset='nyud',
+            delta_tasks=['semseg', 'depth', 'normals'],
+            metrics=dict(
+                semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
+                depth=dict(type='DepthErrorMetric'),
+                normals=dict(type='NormalsAngleMetric'),
+                edge=dict(type='EdgeODSMetric', num_thresholds=5),
+            ),
+        )
     ]
     test_evaluator = val_evaluator
     param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0,
@@ -101,8 +100,6 @@ def tiny_config(path: str, data_root: str, extra: str = "") -> str:
         checkpoint=dict(interval=2, max_keep_ckpts=-1, save_best=None, save_last=True),
     )
     randomness = dict(seed=0, deterministic=False)
-    custom_imports = dict(imports=['mmseg_m3vit'] + {METRIC_MODULES!r},
-                          allow_failed_imports=False)
     """
     with open(path, "w") as f:
         f.write(textwrap.dedent(text) + textwrap.dedent(extra))
@@ -171,8 +168,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: str, config: str, trai
     with open(killed_cfg, "w") as f:
         f.write(
             f"_base_ = [{config!r}]\n"
-            "custom_imports = dict(imports=['mmseg_m3vit', 'kill_hook_m3vit_test', "
-            f"*{METRIC_MODULES!r}], allow_failed_imports=False)\n"
+            "custom_imports = dict(imports=['mmseg_m3vit', 'kill_hook_m3vit_test'], "
+            "allow_failed_imports=False)\n"
             "custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='KillAtIterHook')]\n"
         )
     work = str(tmp_path / "work")
@@ -287,7 +284,10 @@ def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> N
         [config, ckpt, "--task", "depth", "--work-dir", str(tmp_path / "w"),
          "--out", out, "--show-dir", show]
     )  # fmt: skip
-    assert metrics and all(k.startswith("depth/") for k in metrics), metrics
+    tasks_scored = {k.split("/")[0] for k in metrics}
+    assert tasks_scored == {"depth", "multitask"}, metrics
+    assert {"multitask/delta_m", "multitask/delta_depth"} <= set(metrics)
+    assert metrics["multitask/delta_m"] == pytest.approx(metrics["multitask/delta_depth"])
     with open(out, "rb") as f:
         dumped = pickle.load(f)
     assert len(dumped) == 4  # the 4 val images

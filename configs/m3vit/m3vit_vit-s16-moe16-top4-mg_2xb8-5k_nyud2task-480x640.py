@@ -15,7 +15,13 @@ train_dataloader = dict(dataset=dict(tasks=tasks))
 val_dataloader = dict(dataset=dict(tasks=tasks))
 test_dataloader = dict(dataset=dict(tasks=tasks))
 val_evaluator = [
-    dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
-    dict(type='DepthErrorMetric'),
+    dict(
+        type='MultiTaskDeltaMetric',
+        dataset='nyud',
+        metrics=dict(
+            semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
+            depth=dict(type='DepthErrorMetric'),
+        ),
+    )
 ]
 test_evaluator = val_evaluator

@@ -131,6 +131,8 @@ def metric_tasks_of(metric_cfg: dict) -> tuple[str | None, list[str] | None]:
     not take a ``task`` argument)."""
     if metric_cfg.get("task"):
         return metric_cfg["task"], None
+    if isinstance(metric_cfg.get("metrics"), dict):  # MultiTaskDeltaMetric
+        return None, [t for t in metric_cfg["metrics"] if t != "_delete_"]
     if metric_cfg.get("tasks"):
         return None, list(metric_cfg["tasks"])
     from mmseg.registry import METRICS
@@ -144,10 +146,10 @@ def restrict_to_tasks(cfg: Config, tasks: Sequence[str]) -> Config:
     """Return a copy of ``cfg`` that predicts and evaluates only ``tasks``.
 
     Sets ``model.infer_tasks`` (the segmentor then runs the single-task pathway for each
-    chosen task), keeps only the evaluator entries whose ``task`` is chosen (entries
-    without a ``task`` key, such as the Δm metric, get their ``tasks`` narrowed when they
-    have one) and narrows the test/val data sets' ``tasks`` so unused annotations are not
-    loaded.
+    chosen task), keeps only the evaluator entries whose task is chosen, narrows the
+    ``MultiTaskDeltaMetric``'s per-task ``metrics`` and ``delta_tasks`` to the chosen
+    tasks (Δm is then averaged over the chosen tasks that have a reference), and narrows
+    the test/val data sets' ``tasks`` so unused annotations are not loaded.
 
     Raises:
         ValueError: a task the config's model does not have, listing the valid ones.
@@ -168,9 +170,20 @@ def restrict_to_tasks(cfg: Config, tasks: Sequence[str]) -> Config:
                 if metric_task not in tasks:
                     continue
             elif metric_tasks:
-                metric["tasks"] = [t for t in metric_tasks if t in tasks]
+                if isinstance(metric.get("metrics"), dict):  # MultiTaskDeltaMetric
+                    metric["metrics"] = {
+                        t: metric["metrics"][t] for t in metric_tasks if t in tasks
+                    }
+                    delta = metric.get("delta_tasks") or metric_tasks
+                    metric["delta_tasks"] = [t for t in delta if t in tasks]
+                    if not metric["delta_tasks"]:
+                        # no chosen task has a single-task reference: plain task metrics
+                        kept.extend(metric["metrics"].values())
+                        continue
+                else:
+                    metric["tasks"] = [t for t in metric_tasks if t in tasks]
             kept.append(metric)
-        cfg[key] = kept if isinstance(evaluators, list) else kept[0]
+        cfg[key] = kept if isinstance(evaluators, list) or len(kept) != 1 else kept[0]
     for key in ("val_dataloader", "test_dataloader"):
         if key not in cfg:
             continue

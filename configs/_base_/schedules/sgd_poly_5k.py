@@ -22,7 +22,7 @@ default_hooks = dict(
         by_epoch=False,
         interval=val_interval,
         max_keep_ckpts=2,
-        save_best='deltam/dm',
+        save_best='multitask/delta_m',
         rule='greater',
     ),
     visualization=dict(type='MultiTaskVisualizationHook', draw=False),
