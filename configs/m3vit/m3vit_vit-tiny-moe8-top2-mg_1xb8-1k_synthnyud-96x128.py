@@ -2,13 +2,13 @@
 # cores in a few minutes. Same model family and tasks as the 480x640 NYUD config, scaled
 # down: D 96, 4 blocks (MoE on 1 and 3), 8 experts top-2, 32-channel PUP heads,
 # 96x128 images, no pretrained weights, plain BN, lr 0.01 (training from scratch).
-_base_ = ['./m3vit_vit-s16-moe16-top4-mg_2xb8-5k_nyud-480x640.py']
+_base_ = ["./m3vit_vit-s16-moe16-top4-mg_2xb8-5k_nyud-480x640.py"]
 
-data_root = 'data/synthetic_nyud'
+data_root = "data/synthetic_nyud"
 crop_size = (96, 128)
 max_iters = 1000
 val_interval = 250
-norm_cfg = dict(type='BN', requires_grad=True)
+norm_cfg = dict(type="BN", requires_grad=True)
 
 model = dict(
     backbone=dict(
@@ -30,16 +30,16 @@ model = dict(
 )
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadMultiTaskAnnotations'),
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadMultiTaskAnnotations"),
     dict(
-        type='RandomChoiceResize',
+        type="RandomChoiceResize",
         scales=[(128, 96), (154, 115), (192, 144)],
         keep_ratio=True,
     ),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=1.0),
-    dict(type='MultiTaskRandomFlip', prob=0.5, direction='horizontal'),
-    dict(type='PackMultiTaskInputs'),
+    dict(type="RandomCrop", crop_size=crop_size, cat_max_ratio=1.0),
+    dict(type="MultiTaskRandomFlip", prob=0.5, direction="horizontal"),
+    dict(type="PackMultiTaskInputs"),
 ]
 train_dataloader = dict(
     batch_size=8,
@@ -56,7 +56,7 @@ test_dataloader = dict(
 
 optim_wrapper = dict(optimizer=dict(lr=0.01))
 param_scheduler = [
-    dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=max_iters, by_epoch=False)
+    dict(type="PolyLR", eta_min=0.0, power=0.9, begin=0, end=max_iters, by_epoch=False)
 ]
 train_cfg = dict(max_iters=max_iters, val_interval=val_interval)
 default_hooks = dict(
@@ -70,14 +70,14 @@ default_hooks = dict(
 # checkpoints (save_best); tools/demo.py also prints the delta against trivial predictors.
 val_evaluator = [
     dict(
-        type='MultiTaskDeltaMetric',
-        dataset='nyud',
-        delta_tasks=['semseg', 'depth', 'normals'],
+        type="MultiTaskDeltaMetric",
+        dataset="nyud",
+        delta_tasks=["semseg", "depth", "normals"],
         metrics=dict(
-            semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
-            depth=dict(type='DepthErrorMetric'),
-            normals=dict(type='NormalsAngleMetric'),
-            edge=dict(type='EdgeODSMetric', num_thresholds=19),
+            semseg=dict(type="MultiTaskIoUMetric", task="semseg", num_classes=40),
+            depth=dict(type="DepthErrorMetric"),
+            normals=dict(type="NormalsAngleMetric"),
+            edge=dict(type="EdgeODSMetric", num_thresholds=19),
         ),
     )
 ]

@@ -4,45 +4,45 @@
 #   --cfg-options train_dataloader.dataset.data_root=... (and val/test alike).
 # Model selection (val_dataloader) uses a held-out 10% of the train list; the official
 # val list (654 images) is the test split and is only used by tools/test.py.
-dataset_type = 'NYUDMTDataset'
-data_root = 'data/NYUD_MT'
-tasks = ['semseg', 'depth', 'normals', 'edge']
+dataset_type = "NYUDMTDataset"
+data_root = "data/NYUD_MT"
+tasks = ["semseg", "depth", "normals", "edge"]
 crop_size = (480, 640)  # (H, W)
 holdout = dict(fraction=0.1, seed=0)
 
 # Augmentation (M3VIT.md s. 3): scale in {1, 1.2, 1.5}, crop back to 480x640, h-flip
 # that negates the x component of the normals.
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadMultiTaskAnnotations'),
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadMultiTaskAnnotations"),
     dict(
-        type='RandomChoiceResize',
+        type="RandomChoiceResize",
         scales=[(640, 480), (768, 576), (960, 720)],
         keep_ratio=True,
     ),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=1.0),
-    dict(type='MultiTaskRandomFlip', prob=0.5, direction='horizontal'),
-    dict(type='PackMultiTaskInputs'),
+    dict(type="RandomCrop", crop_size=crop_size, cat_max_ratio=1.0),
+    dict(type="MultiTaskRandomFlip", prob=0.5, direction="horizontal"),
+    dict(type="PackMultiTaskInputs"),
 ]
 # Test at the native size: the ground truth stays untouched, the data preprocessor pads
 # the image to a multiple of 16 and the segmentor crops the padding off its predictions.
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadMultiTaskAnnotations'),
-    dict(type='PackMultiTaskInputs'),
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadMultiTaskAnnotations"),
+    dict(type="PackMultiTaskInputs"),
 ]
 
 train_dataloader = dict(
     batch_size=8,
     num_workers=4,
     persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
+    sampler=dict(type="InfiniteSampler", shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        split='train',
+        split="train",
         tasks=tasks,
-        holdout=dict(holdout, part='train'),
+        holdout=dict(holdout, part="train"),
         pipeline=train_pipeline,
     ),
 )
@@ -50,13 +50,13 @@ val_dataloader = dict(
     batch_size=1,
     num_workers=2,
     persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
+    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        split='train',
+        split="train",
         tasks=tasks,
-        holdout=dict(holdout, part='holdout'),
+        holdout=dict(holdout, part="holdout"),
         test_mode=True,
         pipeline=test_pipeline,
     ),
@@ -65,11 +65,11 @@ test_dataloader = dict(
     batch_size=1,
     num_workers=2,
     persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
+    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        split='val',
+        split="val",
         tasks=tasks,
         test_mode=True,
         pipeline=test_pipeline,
@@ -83,14 +83,14 @@ test_dataloader = dict(
 # A list: mmengine reads a bare dict with a 'metrics' key as an Evaluator config.
 val_evaluator = [
     dict(
-        type='MultiTaskDeltaMetric',
-        dataset='nyud',
-        delta_tasks=['semseg', 'depth', 'normals'],
+        type="MultiTaskDeltaMetric",
+        dataset="nyud",
+        delta_tasks=["semseg", "depth", "normals"],
         metrics=dict(
-            semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
-            depth=dict(type='DepthErrorMetric'),
-            normals=dict(type='NormalsAngleMetric'),
-            edge=dict(type='EdgeODSMetric', max_dist=0.0075),
+            semseg=dict(type="MultiTaskIoUMetric", task="semseg", num_classes=40),
+            depth=dict(type="DepthErrorMetric"),
+            normals=dict(type="NormalsAngleMetric"),
+            edge=dict(type="EdgeODSMetric", max_dist=0.0075),
         ),
     ),
 ]

@@ -4,38 +4,38 @@
 # Model selection on a held-out 10% of train; the official val list is the test split.
 # Augmentation (M3VIT.md s. 3): h-flip, rotation +-20 deg, scale 0.75-1.25, 512x512
 # crops; flip and rotation also turn the normal vectors, padding uses each task's value.
-dataset_type = 'PascalMTDataset'
-data_root = 'data/PASCAL_MT'
-tasks = ['semseg', 'parts', 'sal', 'normals', 'edge']
+dataset_type = "PascalMTDataset"
+data_root = "data/PASCAL_MT"
+tasks = ["semseg", "parts", "sal", "normals", "edge"]
 crop_size = (512, 512)
 holdout = dict(fraction=0.1, seed=0)
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadMultiTaskAnnotations'),
-    dict(type='RandomResize', scale=(512, 512), ratio_range=(0.75, 1.25), keep_ratio=True),
-    dict(type='MultiTaskRandomRotate', prob=1.0, degree=20),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=1.0),
-    dict(type='MultiTaskRandomFlip', prob=0.5, direction='horizontal'),
-    dict(type='PackMultiTaskInputs'),
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadMultiTaskAnnotations"),
+    dict(type="RandomResize", scale=(512, 512), ratio_range=(0.75, 1.25), keep_ratio=True),
+    dict(type="MultiTaskRandomRotate", prob=1.0, degree=20),
+    dict(type="RandomCrop", crop_size=crop_size, cat_max_ratio=1.0),
+    dict(type="MultiTaskRandomFlip", prob=0.5, direction="horizontal"),
+    dict(type="PackMultiTaskInputs"),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadMultiTaskAnnotations'),
-    dict(type='PackMultiTaskInputs'),
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadMultiTaskAnnotations"),
+    dict(type="PackMultiTaskInputs"),
 ]
 
 train_dataloader = dict(
     batch_size=8,
     num_workers=4,
     persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
+    sampler=dict(type="InfiniteSampler", shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        split='train',
+        split="train",
         tasks=tasks,
-        holdout=dict(holdout, part='train'),
+        holdout=dict(holdout, part="train"),
         pipeline=train_pipeline,
     ),
 )
@@ -43,13 +43,13 @@ val_dataloader = dict(
     batch_size=1,
     num_workers=2,
     persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
+    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        split='train',
+        split="train",
         tasks=tasks,
-        holdout=dict(holdout, part='holdout'),
+        holdout=dict(holdout, part="holdout"),
         test_mode=True,
         pipeline=test_pipeline,
     ),
@@ -58,11 +58,11 @@ test_dataloader = dict(
     batch_size=1,
     num_workers=2,
     persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
+    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        split='val',
+        split="val",
         tasks=tasks,
         test_mode=True,
         pipeline=test_pipeline,
@@ -73,14 +73,14 @@ test_dataloader = dict(
 # A list: mmengine reads a bare dict with a 'metrics' key as an Evaluator config.
 val_evaluator = [
     dict(
-        type='MultiTaskDeltaMetric',
-        dataset='pascal',
+        type="MultiTaskDeltaMetric",
+        dataset="pascal",
         metrics=dict(
-            semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=21),
-            parts=dict(type='MultiTaskIoUMetric', task='parts', num_classes=7),
-            sal=dict(type='SaliencyMetric'),
-            normals=dict(type='NormalsAngleMetric'),
-            edge=dict(type='EdgeODSMetric', max_dist=0.0075),
+            semseg=dict(type="MultiTaskIoUMetric", task="semseg", num_classes=21),
+            parts=dict(type="MultiTaskIoUMetric", task="parts", num_classes=7),
+            sal=dict(type="SaliencyMetric"),
+            normals=dict(type="NormalsAngleMetric"),
+            edge=dict(type="EdgeODSMetric", max_dist=0.0075),
         ),
     ),
 ]

@@ -7,9 +7,9 @@
 #   mkdir -p checkpoints && wget -P checkpoints \
 #     https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth
 # or train from scratch with --cfg-options model.backbone.pretrained=None.
-norm_cfg = dict(type='SyncBN', requires_grad=True)  # BN in single-process runs
+norm_cfg = dict(type="SyncBN", requires_grad=True)  # BN in single-process runs
 data_preprocessor = dict(
-    type='MultiTaskDataPreprocessor',
+    type="MultiTaskDataPreprocessor",
     mean=[123.675, 116.28, 103.53],
     std=[58.395, 57.12, 57.375],
     bgr_to_rgb=True,
@@ -17,10 +17,10 @@ data_preprocessor = dict(
     test_cfg=dict(size_divisor=16),
 )
 model = dict(
-    type='MultiTaskSegmentor',
+    type="MultiTaskSegmentor",
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        type='M3ViT',
+        type="M3ViT",
         img_size=(480, 640),
         patch_size=16,
         embed_dims=384,
@@ -30,47 +30,47 @@ model = dict(
         num_experts=16,
         top_k=4,
         expert_hidden_dims=384,
-        router='multi_gate',
+        router="multi_gate",
         noise_std=0.0,
-        pretrained='checkpoints/deit_small_patch16_224-cd65a155.pth',
-        expert_init='split',
+        pretrained="checkpoints/deit_small_patch16_224-cd65a155.pth",
+        expert_init="split",
     ),
     decode_heads=dict(
         semseg=dict(
-            type='PUPHead',
+            type="PUPHead",
             num_classes=40,
             channels=256,
             num_up=3,
             norm_cfg=norm_cfg,
-            loss_decode=dict(type='PixelCrossEntropyLoss'),
+            loss_decode=dict(type="PixelCrossEntropyLoss"),
         ),
         depth=dict(
-            type='PUPHead',
+            type="PUPHead",
             num_classes=1,
             channels=256,
             num_up=3,
             norm_cfg=norm_cfg,
-            loss_decode=dict(type='DepthL1Loss'),
+            loss_decode=dict(type="DepthL1Loss"),
         ),
         normals=dict(
-            type='PUPHead',
+            type="PUPHead",
             num_classes=3,
             channels=256,
             num_up=3,
             norm_cfg=norm_cfg,
-            loss_decode=dict(type='NormalsL1Loss'),
+            loss_decode=dict(type="NormalsL1Loss"),
         ),
         edge=dict(
-            type='PUPHead',
+            type="PUPHead",
             num_classes=1,
             channels=256,
             num_up=3,
             norm_cfg=norm_cfg,
-            loss_decode=dict(type='BalancedBCELoss', pos_weight=0.95),
+            loss_decode=dict(type="BalancedBCELoss", pos_weight=0.95),
         ),
     ),
     loss_weights=dict(semseg=1.0, depth=1.0, normals=10.0, edge=50.0),
     moe_balance_weight=0.01,
     train_cfg=dict(),
-    test_cfg=dict(mode='whole'),
+    test_cfg=dict(mode="whole"),
 )
