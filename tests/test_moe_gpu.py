@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmseg_m3vit.models.moe.dispatch import get_dispatch, sorted_dispatch
-from mmseg_m3vit.models.moe.grouped import grouped_dispatch, grouped_expert_ffn
+from mmseg_m3vit.models.moe.grouped import grouped_dispatch, grouped_expert_ffn, sort_by_expert
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -113,6 +113,17 @@ def test_grouped_algorithm_matches_per_token_loop_cpu() -> None:
     for e in (2, 5):  # unused experts: exactly zero weight gradients
         for n in ("w1", "b1", "w2", "b2"):
             assert torch.count_nonzero(grads[n][e]) == 0, (n, e)
+
+
+def test_sort_by_expert_is_a_stable_sort() -> None:
+    """Counting sort == stable argsort; inverse and cumulative group ends consistent."""
+    ids = make_problem(m=40, d=4, hd=4, e=7, k=3, empty=(0, 6), seed=6)["expert_ids"]
+    order, inv_order, offs = sort_by_expert(ids, 7)
+    flat = ids.reshape(-1)
+    assert torch.equal(order, torch.sort(flat, stable=True).indices)
+    assert torch.equal(order[inv_order], torch.arange(flat.numel()))
+    assert offs.dtype == torch.int32
+    assert torch.equal(offs.long(), torch.bincount(flat, minlength=7).cumsum(0))
 
 
 def test_grouped_dispatch_falls_back_to_sorted_on_cpu() -> None:

@@ -164,6 +164,10 @@ def moe_ffn_part(device: str, scale: MoEScale, warmup: int, reps: int) -> str:
         "sorted (per-expert chunks, reference path)": step(moe(sorted_dispatch)),
         "per-expert loop (Mixtral style)": step(moe(expert_loop_dispatch)),
     }
+    if device == "cuda":  # same function through inductor (fuses the ops around the GEMMs)
+        impls["grouped + torch.compile (not used by the model)"] = step(
+            moe(torch.compile(grouped_dispatch))
+        )
     flops = 3 * 2 * 2 * m * d * hd * k  # fwd (2 GEMMs) + bwd (2x), active experts only
     rows = []
     dense_gpu = dense_wall = None
@@ -275,30 +279,24 @@ def train_step_part(
     """(b): images/s of ``model.train_step`` (preprocess, T-task loss, backward, SGD step).
 
     Rows go from the straightforward implementation to the optimised one, one change at
-    a time: bf16 autocast, then grouped MoE dispatch, then the task-batched backbone;
-    a last row adds cuDNN autotuning and channels-last head weights (not in the configs).
+    a time: bf16 autocast, then grouped MoE dispatch, then the task-batched backbone.
     """
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
     size = (64, 80) if small else (480, 640)
     cuda = device == "cuda"
     variants = [
-        ("straightforward: T passes, per-expert loop, fp32", False, "loop", False, False),
-        ("+ bf16 autocast", False, "loop", cuda, False),
-        ("+ grouped MoE (`_grouped_mm`)", False, "grouped", cuda, False),
-        ("+ task-batched backbone = optimised", True, "grouped", cuda, False),
-        ("+ cudnn.benchmark, channels-last heads", True, "grouped", cuda, True),
+        ("straightforward: T passes, per-expert loop, fp32", False, "loop", False),
+        ("+ bf16 autocast", False, "loop", cuda),
+        ("+ grouped MoE (`_grouped_mm`)", False, "grouped", cuda),
+        ("+ task-batched backbone = optimised", True, "grouped", cuda),
     ]
     rows, base = [], None
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    for name, batched, dispatch, amp, tuned in variants:
+    for name, batched, dispatch, amp in variants:
         torch.manual_seed(0)
         model = build_model(
             config, small, device, task_batched=batched, backbone_dispatch=dispatch
         ).train()
-        torch.backends.cudnn.benchmark = tuned or cudnn_benchmark
-        if tuned:
-            model.heads.to(memory_format=torch.channels_last)
         tasks = list(model.tasks)
         batch = batch_to(synthetic_batch(batch_size, size, tasks, seed=0), device)
         sgd = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9, weight_decay=1e-4)
@@ -310,7 +308,6 @@ def train_step_part(
         del model, wrapper, sgd, batch, step
         if cuda:
             torch.cuda.empty_cache()
-    torch.backends.cudnn.benchmark = cudnn_benchmark
     title = (
         f"(b) train step, {len(tasks)}-task NYUD model, batch {batch_size} at "
         f"{size[0]}x{size[1]}, synthetic data already on the device, SGD"
@@ -318,13 +315,73 @@ def train_step_part(
     return table(title, ["implementation", "ms/step", "images/s", "speed-up"], rows)
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs (2 per multiply-add) of every matmul/conv/attention ``fn`` runs."""
+FLOP_CATEGORIES = ("attention", "conv", "GEMM")
+
+
+def count_flops(fn: Callable[[], object]) -> dict[str, int]:
+    """FLOPs (2 per multiply-add) ``fn`` runs, per category and under ``'total'``.
+
+    Categories: attention (SDPA), conv, GEMM (mm / addmm / bmm / grouped mm), as
+    ``torch.utils.flop_counter`` attributes them.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn()
-    return counter.get_total_flops()
+    per_cat = dict.fromkeys(FLOP_CATEGORIES, 0)
+    for op, n in counter.get_flop_counts()["Global"].items():
+        name = str(op)
+        cat = "attention" if "attention" in name else "conv" if "conv" in name else "GEMM"
+        per_cat[cat] += n
+    per_cat["total"] = counter.get_total_flops()
+    return per_cat
+
+
+KERNEL_CLASSES = (
+    "attention",
+    "conv",
+    "GEMM",
+    "upsample",
+    "norm",
+    "MoE sort/gather",
+    "copy/cast",
+    "other elementwise",
+)
+
+
+def kernel_category(name: str) -> str:
+    """Class of a CUDA kernel, from its name (cuDNN / cuBLAS / CUTLASS / ATen kernels)."""
+    n = name.lower()
+    rules = (
+        ("attention", ("flash", "fmha", "attention", "sdpa")),
+        ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
+        ("GEMM", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "matmul")),
+        ("upsample", ("upsample", "interp")),
+        ("norm", ("norm",)),
+        ("MoE sort/gather", ("sort", "gather", "scatter", "index", "embedding", "search")),
+        ("copy/cast", ("copy", "cat", "fill")),
+    )
+    for cls, keys in rules:
+        if any(key in n for key in keys):
+            return cls
+    return "other elementwise"
+
+
+def kernel_breakdown(fn: Callable[[], object], reps: int = 5) -> dict[str, float]:
+    """CUDA kernel time (ms per call of ``fn``) per :func:`kernel_category`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = dict.fromkeys(KERNEL_CLASSES, 0.0)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            times[kernel_category(evt.name)] += evt.device_time / 1e3 / reps
+    return times
 
 
 def inference_part(
@@ -355,24 +412,15 @@ def inference_part(
     tokens_for: dict[int, Tensor] = {}
     with torch.inference_mode():
         one = torch.randn(1, 3, *size, device=device)
-        flops = {part: count_flops(lambda p=part: run(one, p)) for part in ("full", "backbone")}
-        flops["head"] = flops["full"] - flops["backbone"]
+        cats = {part: count_flops(lambda p=part: run(one, p)) for part in ("full", "backbone")}
+    flops = {part: c["total"] for part, c in cats.items()}
+    flops["head"] = flops["full"] - flops["backbone"]
     for moe in model.backbone.modules():
         if hasattr(moe, "dispatch"):
             moe.dispatch = "auto"
     rows = []
     grid = (size[0] // 16, size[1] // 16)
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    parts = [
-        ("backbone + head", "full", False),
-        ("backbone", "backbone", False),
-        ("head", "head", False),
-        ("backbone + head, cudnn.benchmark + channels-last head", "full", True),
-    ]
-    for label, part, tuned in parts:
-        if tuned:
-            torch.backends.cudnn.benchmark = True
-            head.to(memory_format=torch.channels_last)
+    for label, part in (("backbone + head", "full"), ("backbone", "backbone"), ("head", "head")):
         for b in batches:
             x = torch.randn(b, 3, *size, device=device)
             with torch.inference_mode():
@@ -393,14 +441,38 @@ def inference_part(
                 ]
             )
             tokens_for.pop(b, None)
-    torch.backends.cudnn.benchmark = cudnn_benchmark
+    text = ""
+    if cuda:  # what bounds it: kernel time and achieved rate per class, largest batch
+        b = batches[-1]
+        x = torch.randn(b, 3, *size, device=device)
+        with torch.inference_mode():
+            times = kernel_breakdown(lambda: run(x, "full"))
+        total = sum(times.values())
+        brows = []
+        for cat in KERNEL_CLASSES:
+            f = cats["full"].get(cat, 0) * b
+            rate = f"{f / (times[cat] * 1e-3) / 1e12:.0f}" if f and times[cat] else "-"
+            brows.append(
+                [
+                    cat,
+                    f"{times[cat]:.2f}",
+                    f"{100 * times[cat] / max(total, 1e-9):.0f}%",
+                    f"{f / 1e12:.2f}",
+                    rate,
+                ]
+            )
+        text = "\n" + table(
+            f"(c') where the time goes: backbone + head, batch {b}, CUDA kernel time by class",
+            ["kernels", "ms", "share", "TFLOP", "TFLOP/s"],
+            brows,
+        )
     title = (
         f"(c) single-task ({task}) inference at {size[0]}x{size[1]}, "
         f"{'bf16 autocast, grouped MoE' if cuda else 'fp32'}; "
         f"MFU against the measured peak {peak_tflops:.0f} TFLOP/s"
     )
     header = ["part", "batch", "ms", "images/s", "GFLOP/img", "TFLOP/s", "MFU"]
-    return table(title, header, rows)
+    return table(title, header, rows) + text
 
 
 # ----------------------------------------------------------------------------- main

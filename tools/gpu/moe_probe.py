@@ -3,10 +3,11 @@
     python tools/gpu/moe_probe.py
 
 Prints, at the NYUD scale (8 x 1201 tokens, D=384, E=16, k=4, Hd=384, bf16 autocast):
-fwd+bwd medians of the grouped dispatch, of a variant that adds b1 by a row gather
-instead of folding it into the GEMM, of the two grouped GEMMs + GELU alone on
+fwd+bwd medians of the grouped dispatch, of the two grouped GEMMs + GELU alone on
 pre-sorted rows (the GEMM floor), of the dense equal-FLOPs MLP, and a torch.profiler
-table of the grouped path's kernels (CUDA time per kernel, summed over 20 steps).
+table of the grouped path's kernels (CUDA time per kernel, summed over 20 steps). Then
+the backbone forward (batch 32, 480x640, bf16)
+under each scaled-dot-product-attention backend.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from mmseg_m3vit.models.moe.grouped import (
-    _GatherTokens,
-    _PermuteRows,
-    grouped_dispatch,
-)
+from mmseg_m3vit.models.moe.grouped import grouped_dispatch
 
 _spec = importlib.util.spec_from_file_location(
     "benchmark", pathlib.Path(__file__).parents[1] / "analysis_tools" / "benchmark.py"
@@ -32,28 +29,6 @@ _spec = importlib.util.spec_from_file_location(
 benchmark = importlib.util.module_from_spec(_spec)
 sys.modules["benchmark"] = benchmark
 _spec.loader.exec_module(benchmark)
-
-
-def grouped_gather_bias(
-    x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
-) -> Tensor:
-    """Variant: b1 added as a gathered (M*k, Hd) bias instead of folded into the GEMM."""
-    cdt = torch.bfloat16
-    m, d = x.shape
-    k = expert_ids.shape[1]
-    e = w1.shape[0]
-    flat = expert_ids.reshape(-1)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    token_of = order // k
-    inv = torch.empty_like(order).scatter_(0, order, torch.arange(m * k, device=x.device))
-    offs = torch.searchsorted(sorted_ids, torch.arange(1, e + 1, device=x.device), out_int32=True)
-    xs = _GatherTokens.apply(x.to(cdt), token_of, inv, k)
-    h = torch._grouped_mm(xs, w1.to(cdt), offs=offs) + b1.to(cdt).index_select(0, sorted_ids)
-    ys = torch._grouped_mm(F.gelu(h), w2.to(cdt), offs=offs)
-    y = _PermuteRows.apply(ys, inv, order).view(m, k, d)
-    gc = gates.to(cdt)
-    bias2 = gc.new_zeros(m, e).scatter_add(1, expert_ids, gc) @ b2.to(cdt)
-    return torch.baddbmm(bias2.unsqueeze(1), gc.unsqueeze(1), y).squeeze(1)
 
 
 def main() -> None:
@@ -101,19 +76,11 @@ def main() -> None:
     args = (x, ids, gates, w1, b1, w2, b2)
     cases = {
         "dense MLP fwd+bwd": amp_step(lambda: dense(x)),
-        "grouped (fold b1) fwd+bwd": amp_step(lambda: grouped_dispatch(*args)),
-        "grouped (gather b1) fwd+bwd": amp_step(lambda: grouped_gather_bias(*args)),
+        "grouped fwd+bwd": amp_step(lambda: grouped_dispatch(*args)),
         "GEMM floor: 2 grouped GEMMs + GELU fwd+bwd": gemm_floor,
         "dense MLP fwd": fwd_only(lambda: dense(x)),
-        "grouped (fold b1) fwd": fwd_only(lambda: grouped_dispatch(*args)),
+        "grouped fwd": fwd_only(lambda: grouped_dispatch(*args)),
     }
-    try:  # experiment: let inductor fuse the gathers / casts / GELU around the GEMMs
-        compiled = torch.compile(grouped_dispatch)
-        cases["grouped torch.compile fwd+bwd"] = amp_step(lambda: compiled(*args))
-        cases["grouped torch.compile fwd+bwd"]()
-    except Exception as exc:  # report and go on: this is an experiment
-        print(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
-        cases.pop("grouped torch.compile fwd+bwd", None)
     print(f"{'case':48s}   GPU ms   wall ms")
     for name, fn in cases.items():
         gpu = benchmark.bench(fn, dev, 10, 50, hide_launch=True)

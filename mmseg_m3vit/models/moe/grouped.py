@@ -11,15 +11,14 @@ dims, E experts, k experts per token)::
 The M*k (token, slot) pairs are sorted by expert once; every expert then runs as one
 group of a single ``torch._grouped_mm`` per layer (cuBLAS/CUTLASS grouped GEMM on sm90),
 so there is no Python loop over experts and no host synchronisation: group offsets are
-computed on the device with ``searchsorted``. Bias handling avoids (M*k, Hd) passes:
+computed on the device (:func:`sort_by_expert`: sort + searchsorted). Around the GEMMs:
 
-- ``b1`` is folded into the first GEMM: each token gets a constant-1 column (padded to
-  16-byte rows) and ``w1`` gets ``b1`` as an extra input row;
-- ``b2`` is applied after the weighted sum, per token, as ``(gates scattered to (M, E)) @
-  b2`` (``sum_j g_j b2[e_j]``), an (M, E) x (E, D) product;
-- outputs are un-permuted with a gather (its backward is the inverse gather, not an
-  atomic scatter-add) and combined with the gates by one batched (1 x k) @ (k x D)
-  product per token, which also yields the gates' gradient.
+- biases are folded into the GEMMs: the GEMM input gets a constant-1 column (rows
+  padded to 16 bytes) and the weight gets the bias as an extra input row;
+- tokens are gathered into expert order once; the backward sums each token's k rows
+  (a gather, not an atomic scatter-add);
+- outputs are un-sorted, gated and summed over the k slots by one ``embedding_bag``;
+  its backward is written out in sorted order (:class:`_CombineSlots`).
 
 ``torch._grouped_mm`` needs bf16 operands and rows of a multiple of 16 bytes on CUDA, so
 :func:`grouped_dispatch` takes this path only for CUDA tensors computed in bf16 (bf16
@@ -61,22 +60,74 @@ class _GatherTokens(torch.autograd.Function):
         return flat.view(-1, ctx.k, grad.shape[1]).sum(1), None, None, None
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``y[perm]`` for a permutation ``perm`` with inverse ``inv_perm`` (backward: gather)."""
+class _CombineSlots(torch.autograd.Function):
+    """``out[m] = sum_j gates[m, j] * ys[inv_order[m*k + j]]``: un-sort and gate in one step.
+
+    ``ys`` (M*k, D) expert-sorted outputs, ``gates`` (M, k), ``token_of`` (M*k,) token of
+    each sorted row. Forward: one ``embedding_bag`` (gather + weight + sum over the k
+    slots, no (M, k, D) intermediate). Backward, in sorted order: the gradient rows of
+    each assignment's token are gathered once; ``grad_ys = g_sorted * rows`` and
+    ``grad_gates`` = row-wise dot products of ``ys`` with them (no batched (1 x k)
+    matmuls, whose cuBLAS kernels are slow at this shape, and no atomics).
+    """
 
     @staticmethod
-    def forward(ctx, y: Tensor, perm: Tensor, inv_perm: Tensor) -> Tensor:
-        ctx.save_for_backward(inv_perm)
-        return y.index_select(0, perm)
+    def forward(
+        ctx, ys: Tensor, gates: Tensor, order: Tensor, inv_order: Tensor, token_of: Tensor
+    ) -> Tensor:
+        m, k = gates.shape
+        ctx.save_for_backward(ys, gates, order, inv_order, token_of)
+        return F.embedding_bag(inv_order.view(m, k), ys, per_sample_weights=gates, mode="sum")
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (inv_perm,) = ctx.saved_tensors
-        return grad.contiguous().index_select(0, inv_perm), None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        ys, gates, order, inv_order, token_of = ctx.saved_tensors
+        rows = grad.to(ys.dtype).index_select(0, token_of)  # (M*k, D), sorted order
+        grad_ys = grad_gates = None
+        if ctx.needs_input_grad[0]:
+            grad_ys = rows * gates.reshape(-1).index_select(0, order).unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            dots = (ys * rows).sum(-1)  # (M*k,)
+            grad_gates = dots.index_select(0, inv_order).view_as(gates)
+        return grad_ys, grad_gates, None, None, None
+
+
+def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stable sort of the M*k (token, slot) assignments by expert, on the device.
+
+    Args:
+        expert_ids: (M, k) expert per token and slot, in [0, E).
+        num_experts: E.
+
+    Returns:
+        ``(order, inv_order, offs)``: ``order`` (M*k,) flat assignment index at each
+        sorted position (``flat = m*k + j``); ``inv_order`` (M*k,) its inverse (sorted
+        position of each flat assignment); ``offs`` (E,) int32 cumulative group ends,
+        the ``offs`` argument of ``torch._grouped_mm``. No host synchronisation.
+    """
+    flat = expert_ids.reshape(-1).long()
+    sorted_ids, order = torch.sort(flat, stable=True)
+    positions = torch.arange(flat.shape[0], device=flat.device)
+    inv_order = torch.empty_like(order).scatter_(0, order, positions)
+    bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_ids.dtype)
+    offs = torch.searchsorted(sorted_ids, bounds, out_int32=True)
+    return order, inv_order, offs
 
 
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
+
+
+def _with_bias_row(w: Tensor, b: Tensor, k_aug: int, dtype: torch.dtype) -> Tensor:
+    """(E, K, N) weights + (E, N) bias -> (E, K_aug, N) = [w; b; 0], cast to ``dtype``."""
+    e, k, n = w.shape
+    return torch.cat([w, b.unsqueeze(1), w.new_zeros(e, k_aug - k - 1, n)], dim=1).to(dtype)
+
+
+def _with_ones_column(a: Tensor, k_aug: int) -> Tensor:
+    """(R, K) rows -> (R, K_aug) = [a, 1, 0...] (pairs with :func:`_with_bias_row`)."""
+    r, k = a.shape
+    return torch.cat([a, a.new_ones(r, 1), a.new_zeros(r, k_aug - k - 1)], dim=1)
 
 
 def grouped_expert_ffn(
@@ -98,38 +149,19 @@ def grouped_expert_ffn(
     m, d = x.shape
     k = expert_ids.shape[1]
     num_experts, _, hd = w1.shape
-    device = x.device
-    nk = m * k
-    flat_ids = expert_ids.reshape(-1).long()
-    # Sort the M*k assignments by expert (stable: tokens stay in order inside an expert).
-    sorted_ids, order = torch.sort(flat_ids, stable=True)
+    order, inv_order, offs = sort_by_expert(expert_ids, num_experts)
     token_of = order // k
-    inv_order = torch.empty_like(order).scatter_(
-        0, order, torch.arange(nk, device=device, dtype=order.dtype)
-    )
-    # offs[e] = number of assignments to experts <= e (cumulative group ends), int32.
-    bounds = torch.arange(1, num_experts + 1, device=device, dtype=sorted_ids.dtype)
-    offs = torch.searchsorted(sorted_ids, bounds, out_int32=True)
-
-    # First layer with b1 folded in: x_aug = [x, 1, 0...] (16-byte rows), w1_aug = [w1; b1; 0].
+    # Biases ride along as an extra input row of each weight against a constant-1 input
+    # column; rows are padded to 16 bytes, as the grouped GEMM requires.
     align = _ROW_ALIGN_BYTES // torch.empty((), dtype=compute_dtype).element_size()
-    d_aug = _round_up(d + 1, align)
-    xc = x.to(compute_dtype)
-    x_aug = torch.cat([xc, xc.new_ones(m, 1), xc.new_zeros(m, d_aug - d - 1)], dim=1)  # (M, D_aug)
-    w1_aug = torch.cat(
-        [w1, b1.unsqueeze(1), w1.new_zeros(num_experts, d_aug - d - 1, hd)], dim=1
-    ).to(compute_dtype)  # (E, D_aug, Hd)
+    d_aug, hd_aug = _round_up(d + 1, align), _round_up(hd + 1, align)
+    x_aug = _with_ones_column(x.to(compute_dtype), d_aug)  # (M, D_aug)
     xs = _GatherTokens.apply(x_aug, token_of, inv_order, k)  # (M*k, D_aug), expert-sorted
+    w1_aug = _with_bias_row(w1, b1, d_aug, compute_dtype)  # (E, D_aug, Hd)
     hidden = F.gelu(torch._grouped_mm(xs, w1_aug, offs=offs))  # (M*k, Hd)
-    ys = torch._grouped_mm(hidden, w2.to(compute_dtype), offs=offs)  # (M*k, D)
-
-    # Back to (token, slot) order, then out[m] = sum_j g[m, j] * y[m, j] + sum_j g[m, j] b2[e].
-    y = _PermuteRows.apply(ys, inv_order, order).view(m, k, d)
-    gc = gates.to(compute_dtype)
-    gate_dense = gc.new_zeros(m, num_experts).scatter_add(1, expert_ids.long(), gc)  # (M, E)
-    bias2 = gate_dense @ b2.to(compute_dtype)  # (M, D)
-    out = torch.baddbmm(bias2.unsqueeze(1), gc.unsqueeze(1), y)  # (M, 1, D)
-    return out.squeeze(1)
+    w2_aug = _with_bias_row(w2, b2, hd_aug, compute_dtype)  # (E, Hd_aug, D)
+    ys = torch._grouped_mm(_with_ones_column(hidden, hd_aug), w2_aug, offs=offs)  # (M*k, D)
+    return _CombineSlots.apply(ys, gates.to(compute_dtype), order, inv_order, token_of)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
