@@ -112,7 +112,7 @@ def prediction_panel(
     tasks = [t for t in preds if t in TASK_SPECS]
     rows = 2 if gts else 1
     cols = 1 + len(tasks)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), squeeze=False)
     axes[0, 0].imshow(image_rgb)
     axes[0, 0].set_title("image", fontsize=9)
     for j, task in enumerate(tasks, start=1):

@@ -1,0 +1,36 @@
+# FPGA variant of M3ViT for the FINN flow (finn_flow/build.py, issue 6): ViT-T-like
+# D 192, 3 heads, 16 experts (hidden 192) top-2, multi-gate, 64x80 input (4x5 patches).
+# Depth: 2 blocks (block 0 dense, block 1 MoE) so that `python finn_flow/build.py
+# --task normals` finishes on 2 CPU cores within 10 minutes: finn-plus's streamlining
+# time grows quickly with the node count (each block adds ~60 nodes per head); a
+# 12-block build is the same pathway repeated and is left to a larger machine.
+# Trainable like any other config (data part from the synthetic NYUD config).
+_base_ = ['../m3vit/m3vit_vit-tiny-moe8-top2-mg_1xb8-1k_synthnyud-96x128.py']
+
+custom_imports = dict(imports=['mmseg_m3vit'], allow_failed_imports=False)
+default_scope = 'mmseg'
+
+crop_size = (64, 80)
+model = dict(
+    backbone=dict(
+        img_size=crop_size,
+        embed_dims=192,
+        num_layers=2,
+        num_heads=3,
+        moe_layers=[1],
+        num_experts=16,
+        top_k=2,
+        expert_hidden_dims=192,
+        pretrained=None,
+    ),
+)
+
+# What finn_flow/build.py reads (the rest of the file is an ordinary mmseg config).
+fpga = dict(
+    input_size=crop_size,  # (H, W) of the frame the FPGA pathway is built for
+    bits=8,  # weights and activations (softmax / gates: 8-bit fixed scale 1/255)
+    clock_ns=5.0,  # 200 MHz
+    target_fps=30,  # auto-folding target when no folding JSON is used
+    use_folding_json=False,  # True: finn_flow/folding/<task>.json instead of target_fps
+    calib_images=8,
+)
