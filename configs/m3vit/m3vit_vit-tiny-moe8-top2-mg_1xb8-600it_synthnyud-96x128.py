@@ -1,7 +1,8 @@
 # Small M3ViT for the bundled synthetic NYUD-MT set (tools/demo.py): 600 iterations of
 # batch 8 take about 0.23 s each on 2 otherwise idle CPU cores (about 2.5 min).
-# Same model family and tasks as the 480x640 NYUD config, scaled down: D 96, 4 blocks (MoE on 1 and 3), 8 experts top-2, 32-channel PUP heads,
-# 96x128 images, no pretrained weights, plain BN, lr 0.01 (training from scratch).
+# Same model family and tasks as the 480x640 NYUD config, scaled down: D 96, 4 blocks
+# (MoE on 1 and 3), 8 experts top-2, 32-channel PUP heads, 96x128 images, no pretrained
+# weights, plain BN, lr 0.01 (training from scratch).
 _base_ = ["./m3vit_vit-s16-moe16-top4-mg_2xb8-5k_nyud-480x640.py"]
 
 data_root = "data/synthetic_nyud"
