@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+from onnx import helper
+from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
+from qonnx.transformation.general import GiveUniqueNodeNames
+from qonnx.transformation.infer_datatypes import InferDataTypes
+from qonnx.transformation.infer_shapes import InferShapes
 
 
 class DuplicateForkedConstMul(Transformation):
@@ -50,3 +56,155 @@ class DuplicateForkedConstMul(Transformation):
                 model.set_tensor_datatype(new_out, model.get_tensor_datatype(node.output[0]))
             changed = True
         return model, changed
+
+
+def _count(x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """MultiThreshold count: for each x, how many thresholds are <= x."""
+    return (x[:, None] >= thresholds[None, :]).sum(axis=1)
+
+
+class GeluToThresholds(Transformation):
+    """Replace ``int -> Mul(s) -> GELU -> MultiThreshold`` by exact integer thresholds.
+
+    finn-plus maps GELU to ``PWPolyF``, which exists only for Versal parts (it uses the
+    DSPFP32 primitive), so it cannot be built for the ZCU104. Between two quantizers GELU
+    is a function of an integer: ``y[i] = MT(GELU(s * i))`` for every value i of the input
+    datatype. That table is unimodal (GELU falls, then rises), so it splits into a
+    non-decreasing part and a non-increasing part, each of which is a standard
+    MultiThreshold (thresholding layer) of the same integer:
+
+        y[i] = base + up(i) - down(i)
+
+    with ``up`` / ``down`` counting thresholds at half-integers. The result is exact:
+    the table is computed with the same float32 GELU (erf form) as the Brevitas model.
+    New nodes: two MultiThreshold (-> Thresholding), one Sub and one Add (-> Elementwise).
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        """Rewrite every matching GELU; returns (model, changed)."""
+        import torch
+        from qonnx.custom_op.registry import getCustomOp
+
+        graph = model.graph
+        for gelu in list(graph.node):
+            if gelu.op_type != "PWPolyF":
+                continue
+            mul = model.find_producer(gelu.input[0])
+            consumers = model.find_consumers(gelu.output[0]) or []
+            if mul is None or mul.op_type != "Mul" or len(consumers) != 1:
+                continue
+            mt = consumers[0]
+            scale = model.get_initializer(mul.input[1])
+            int_in = mul.input[0]
+            idt = model.get_tensor_datatype(int_in)
+            if mt.op_type != "MultiThreshold" or scale is None or scale.size != 1:
+                continue
+            if not idt.is_integer() or len(model.find_consumers(mul.output[0]) or []) != 1:
+                continue
+            thr = model.get_initializer(mt.input[1])
+            inst = getCustomOp(mt)
+            if thr is None or thr.shape[0] != 1 or inst.get_nodeattr("out_scale") != 1.0:
+                continue
+            values = np.arange(int(idt.min()), int(idt.max()) + 1, dtype=np.int64)
+            x = torch.tensor(values, dtype=torch.float32) * torch.tensor(
+                float(scale.reshape(-1)[0]), dtype=torch.float32
+            )
+            g = torch.nn.functional.gelu(x).numpy()
+            table = _count(g, thr[0].astype(np.float32)) + int(inst.get_nodeattr("out_bias"))
+            i_min = int(np.argmin(table))
+            up_thr, down_thr = [], []
+            for k in range(1, len(values)):
+                step = int(table[k] - table[k - 1])
+                at = float(values[k]) - 0.5
+                if k > i_min and step > 0:
+                    up_thr += [at] * step
+                elif k <= i_min and step < 0:
+                    down_thr += [at] * (-step)
+                elif step != 0:
+                    raise ValueError(
+                        f"GeluToThresholds: table of {gelu.name} is not unimodal at {values[k]}"
+                    )
+            # down(i) counts the falls passed, so the table is base + up(i) - down(i)
+            base = int(table[0])
+            out = mt.output[0]
+            out_dt = model.get_tensor_datatype(out)
+            idx = list(graph.node).index(gelu)
+            parts = []
+            for tag, t in (("up", up_thr), ("down", down_thr)):
+                if not t:
+                    continue
+                name = f"{gelu.name}_{tag}"
+                tname = model.make_new_valueinfo_name()
+                model.set_initializer(tname, np.array([t], dtype=np.float32))
+                o = model.make_new_valueinfo_name()
+                node = helper.make_node(
+                    "MultiThreshold",
+                    [int_in, tname],
+                    [o],
+                    domain="qonnx.custom_op.general",
+                    name=name,
+                    out_dtype=DataType.get_smallest_possible(len(t)).name,
+                    out_scale=1.0,
+                    out_bias=0.0,
+                    data_layout=inst.get_nodeattr("data_layout"),
+                )
+                graph.node.insert(idx, node)
+                idx += 1
+                model.set_tensor_datatype(o, DataType.get_smallest_possible(len(t)))
+                model.set_tensor_shape(o, model.get_tensor_shape(int_in))
+                parts.append((tag, o))
+            cur = None
+            for tag, o in parts:
+                if cur is None and tag == "up":
+                    cur = o
+                    continue
+                nxt = model.make_new_valueinfo_name()
+                if cur is None:  # only a falling part: base - down
+                    neg = model.make_new_valueinfo_name()
+                    model.set_initializer(neg, np.array(-1.0, dtype=np.float32))
+                    model.set_tensor_datatype(neg, DataType["INT2"])
+                    graph.node.insert(idx, helper.make_node("Mul", [o, neg], [nxt]))
+                else:
+                    graph.node.insert(idx, helper.make_node("Sub", [cur, o], [nxt]))
+                idx += 1
+                model.set_tensor_shape(nxt, model.get_tensor_shape(int_in))
+                cur = nxt
+            bname = model.make_new_valueinfo_name()
+            model.set_initializer(bname, np.array(float(base), dtype=np.float32))
+            # integer annotation: the Add stays an integer op (FINN then sizes it exactly)
+            model.set_tensor_datatype(bname, DataType.get_smallest_possible(base))
+            graph.node.insert(idx, helper.make_node("Add", [cur, bname], [out]))
+            model.set_tensor_datatype(out, out_dt)
+            for dead in (mul, gelu, mt):
+                graph.node.remove(dead)
+            model = model.transform(InferShapes())
+            model = model.transform(InferDataTypes())
+            model = model.transform(GiveUniqueNodeNames())
+            return model, True
+        return model, False
+
+
+def is_gelu_table_op(model: ModelWrapper, node) -> bool:
+    """True for the Sub / Add / Mul(-1) nodes :class:`GeluToThresholds` creates.
+
+    Used as the filter of finn-plus's ``InferElementwiseBinaryOperation`` so that these
+    integer nodes become HW layers (with exactly sized output types) *before* the MVAU
+    conversion looks at the datatype of the MatMul they feed.
+    """
+    if node.op_type == "Mul":
+        const = [model.get_initializer(i) for i in node.input]
+        if not any(
+            c is not None and c.size == 1 and float(c.reshape(-1)[0]) == -1.0 for c in const
+        ):
+            return False
+    if node.op_type in ("Sub", "Mul"):
+        prods = [model.find_producer(i) for i in node.input if model.get_initializer(i) is None]
+        return bool(prods) and all(p is not None and p.op_type == "MultiThreshold" for p in prods)
+    if node.op_type == "Add":
+        p = model.find_producer(node.input[0])
+        if p is None:
+            return False
+        if p.op_type in ("ElementwiseSub", "ElementwiseMul"):
+            return True
+        return p.op_type in ("Sub", "Mul") and is_gelu_table_op(model, p)
+    return False

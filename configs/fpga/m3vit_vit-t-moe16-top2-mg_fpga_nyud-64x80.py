@@ -5,7 +5,7 @@
 # time grows quickly with the node count (each block adds ~60 nodes per head); a
 # 12-block build is the same pathway repeated and is left to a larger machine.
 # Trainable like any other config (data part from the synthetic NYUD config).
-_base_ = ["../m3vit/m3vit_vit-tiny-moe8-top2-mg_1xb8-1k_synthnyud-96x128.py"]
+_base_ = ["../m3vit_synthetic.py"]  # stable entry point of the synthetic NYUD config
 
 custom_imports = dict(imports=["mmseg_m3vit"], allow_failed_imports=False)
 default_scope = "mmseg"

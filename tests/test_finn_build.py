@@ -1,0 +1,200 @@
+"""finn_flow/build.py end to end on a tiny pathway, for every NYUD task.
+
+One tiny config (D 16, 1 MoE block, 1 head, 4 experts top-2, 8x8 input with 4x4
+patches) keeps each build to well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.finn, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+FPGA_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t-moe16-top2-mg_fpga_nyud-64x80.py"
+NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
+
+TINY = f"""
+_base_ = [{str(FPGA_CONFIG)!r}]
+model = dict(
+    backbone=dict(
+        img_size=(8, 8), patch_size=4, embed_dims=16, num_layers=1, num_heads=1,
+        moe_layers=[0], num_experts=4, top_k=2, expert_hidden_dims=8,
+    )
+)
+fpga = dict(input_size=(8, 8), calib_images=2, target_fps=10000)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny_fpga.py"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def builds(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run the build once per task (lazily, cached for the module)."""
+    return {"_root": tmp_path_factory.mktemp("builds"), "_config": tiny_config}
+
+
+def _build(builds: dict, task: str, *extra: str) -> tuple[int, Path]:
+    from finn_flow import build
+
+    key = (task, extra)
+    if key not in builds:
+        out = builds["_root"] / f"{task}{'-'.join(('',) + extra)}"
+        rc = build.main(
+            ["--task", task, "--config", str(builds["_config"]), "--out", str(out)] + list(extra)
+        )
+        builds[key] = (rc, out)
+    return builds[key]
+
+
+@pytest.mark.parametrize("task", NYUD_TASKS)
+def test_tiny_build_finishes_and_verifies(builds: dict, task: str) -> None:
+    rc, out = _build(builds, task)
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 0, summary.get("error")
+    assert (out / "COMPLETE").is_file()
+    assert summary["status"] == "complete" and summary["task"] == task
+    assert summary["random_weights"] is True
+    ver = {v["stage"]: v for v in summary["verification"]}
+    assert set(ver) == {"streamlined", "hw_layers"}
+    # every op is exact except float LayerNorm/softmax/scales: at most 1 LSB, rarely
+    assert ver["hw_layers"]["max_error_lsb"] <= 1.0 + 1e-6
+    assert ver["hw_layers"]["mean_error_lsb"] < 0.1
+    assert (out / "input.npy").is_file() and (out / "expected_output.npy").is_file()
+    assert (out / "model_qonnx.onnx").is_file()
+
+
+def test_summary_consistent_with_finn_reports(builds: dict) -> None:
+    rc, out = _build(builds, "normals")
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    report = out / "finn" / "report"
+    finn_res = json.loads((report / "estimate_layer_resources.json").read_text())
+    perf = json.loads((report / "estimate_network_performance.json").read_text())
+    res = summary["resources"]
+    keys = ("LUT", "FF", "BRAM_18K", "URAM", "DSP")
+    for k in keys:
+        assert res["total"][k] == pytest.approx(sum(layer[k] for layer in res["layers"]))
+    for layer in res["layers"]:
+        if layer["source"] == "finn-plus":
+            for k in ("LUT", "BRAM_18K", "DSP"):
+                assert layer[k] == pytest.approx(float(finn_res[layer["name"]].get(k, 0)))
+    own = [layer for layer in res["layers"] if layer["source"] != "finn-plus"]
+    assert own, "expected own cost models for layers finn-plus estimates as zero"
+    assert any(layer["op_type"].startswith("ScaledDotProductAttention") for layer in own)
+    p = summary["performance"]
+    assert p["max_cycles_per_frame (bottleneck layer)"] == perf["max_cycles"]
+    clk_ns = 1000.0 / p["clock_MHz"]
+    assert p["throughput_fps"] == pytest.approx(1e9 / (clk_ns * perf["max_cycles"]))
+    assert p["latency_ms"] == pytest.approx(perf["critical_path_cycles"] * clk_ns * 1e-6)
+    assert p["ddr_bytes_per_frame"] > 0
+    assert summary["board_capacity"]["LUT"] == 230400
+    assert summary["finn"]["finn_version"].startswith("1.6")
+    md = (out / "SUMMARY.md").read_text()
+    assert "RANDOM WEIGHTS" in md and "Vivado 2024.2" in md and "stand-in" in md
+
+
+def test_rerun_into_same_out_with_saved_folding(builds: dict, tmp_path: Path) -> None:
+    """Re-running into the same --out replaces the old build; a saved folding re-applies."""
+    rc, out = _build(builds, "depth")
+    assert rc == 0
+    first = json.loads((out / "summary.json").read_text())
+    (out / "finn" / "stale_marker.txt").write_text("from an older build")
+    finished = json.loads((out / "COMPLETE").read_text())["finished"]
+    folding = tmp_path / "depth_folding.json"
+    shutil.copy(out / "folding.json", folding)
+    from finn_flow import build
+
+    args = ["--task", "depth", "--config", str(builds["_config"]), "--out", str(out)]
+    rc2 = build.main([*args, "--folding", str(folding)])
+    assert rc2 == 0
+    assert json.loads((out / "COMPLETE").read_text())["finished"] > finished
+    assert not (out / "finn" / "stale_marker.txt").exists()
+    second = json.loads((out / "summary.json").read_text())
+    assert second["folding"]["folding_json"] == str(folding)
+    key = "max_cycles_per_frame (bottleneck layer)"
+    assert second["performance"][key] == first["performance"][key]
+
+
+def test_interrupted_build_is_never_complete(
+    builds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rc, done = _build(builds, "edge")
+    assert rc == 0
+    out = tmp_path / "copy"
+    shutil.copytree(done, out)
+    assert (out / "COMPLETE").exists()
+    from finn_flow import build
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "run_steps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.main(["--task", "edge", "--config", str(builds["_config"]), "--out", str(out)])
+    assert not (out / "COMPLETE").exists()
+
+    def broken(*args, **kwargs):
+        raise build.BuildError("simulated failure in a FINN step")
+
+    monkeypatch.setattr(build, "run_steps", broken)
+    rc = build.main(["--task", "edge", "--config", str(builds["_config"]), "--out", str(out)])
+    assert rc == 1
+    assert not (out / "COMPLETE").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "simulated failure" in summary["error"]
+
+
+def _expect_exit(args: list[str], capsys: pytest.CaptureFixture, match: str) -> None:
+    from finn_flow import build
+
+    with pytest.raises(SystemExit) as exc:
+        build.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+
+
+def test_wrong_task_fails_clearly(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    _expect_exit(
+        ["--task", "sal", "--config", str(tiny_config), "--out", str(tmp_path / "o")],
+        capsys,
+        "unknown task 'sal'",
+    )
+
+
+def test_missing_checkpoint_fails_clearly(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.pth"
+    _expect_exit(
+        [
+            "--task",
+            "depth",
+            "--config",
+            str(tiny_config),
+            "--checkpoint",
+            str(missing),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        f"checkpoint {str(missing)!r} does not exist",
+    )
+
+
+def test_unwritable_out_fails_clearly(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    _expect_exit(
+        ["--task", "depth", "--config", str(tiny_config), "--out", str(blocker / "sub")],
+        capsys,
+        "is not writable",
+    )
