@@ -309,3 +309,40 @@ def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
         assert arr.shape == (2, 4)  # 2 MoE layers (blocks 1, 3), 4 experts
         torch.testing.assert_close(torch.from_numpy(arr.sum(1)), torch.full((2,), 2.0).double())
     assert osp.getsize(png) > 0
+
+
+def test_demo_trivial_predictors_match_direct_computation(config: str, data_root: str) -> None:
+    """The demo's mean-depth / mean-normal baselines, recomputed with plain numpy."""
+    import numpy as np
+    from mmengine.config import Config
+
+    demo = load_tool("tools/demo.py", "m3vit_tools_demo")
+    cfg = Config.fromfile(config)
+    tasks = ["semseg", "depth", "normals", "edge"]
+    stats = demo.fit_trivial(cfg, tasks)
+    trivial = demo.evaluate_trivial(cfg, stats)
+
+    def ids(split: str) -> list[str]:
+        with open(osp.join(data_root, "gt_sets", f"{split}.txt")) as f:
+            return f.read().split()
+
+    # training statistics over the training part of train (the 10% hold-out excluded)
+    from mmseg.registry import DATASETS
+
+    train_set = DATASETS.build(cfg.train_dataloader.dataset)
+    train_ids = [osp.splitext(osp.basename(d["img_path"]))[0] for d in train_set.load_data_list()]
+    assert len(train_ids) == 11 and set(train_ids) < set(ids("train"))
+    depths = [np.load(osp.join(data_root, "depth", f"{i}.npy")) for i in train_ids]
+    mean_depth = np.concatenate([d[d > 0] for d in depths]).mean()
+    assert stats["depth"] == pytest.approx(mean_depth, rel=1e-5)
+    val = [np.load(osp.join(data_root, "depth", f"{i}.npy")) for i in ids("val")]
+    err = np.concatenate([(d[d > 0] - stats["depth"]) ** 2 for d in val])
+    assert trivial["depth/rmse"] == pytest.approx(np.sqrt(err.mean()), rel=1e-5)
+
+    normals = [np.load(osp.join(data_root, "normals", f"{i}.npy")) for i in ids("val")]
+    n = np.concatenate([v.reshape(-1, 3) for v in normals])
+    n = n[np.any(n != 0, axis=1)]
+    cos = np.clip(n @ np.asarray(stats["normals"]) / np.linalg.norm(n, axis=1), -1, 1)
+    assert trivial["normals/mean"] == pytest.approx(np.degrees(np.arccos(cos)).mean(), rel=1e-3)
+    assert trivial["edge/odsF"] == 0.0
+    assert 0 <= stats["semseg"] < 40

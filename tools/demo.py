@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.evaluator import Evaluator
+from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 from mmengine.structures import PixelData
 
@@ -138,6 +139,7 @@ def _map(sample: Any, field: str) -> np.ndarray:
 
 def fit_trivial(cfg: Config, tasks: Sequence[str]) -> dict[str, Any]:
     """Statistics of the training split for the trivial predictors (no augmentation)."""
+    init_default_scope(cfg.get("default_scope", "mmseg"))
     ds_cfg = cfg.train_dataloader.dataset.copy()
     ds_cfg.pipeline = cfg.test_dataloader.dataset.pipeline
     from mmseg.registry import DATASETS
@@ -183,6 +185,7 @@ def trivial_prediction(task: str, stat: Any, hw: tuple[int, int]) -> torch.Tenso
 
 def evaluate_trivial(cfg: Config, stats: Mapping[str, Any]) -> dict[str, float]:
     """Evaluate the trivial predictors with the config's own test metrics."""
+    init_default_scope(cfg.get("default_scope", "mmseg"))
     loader_cfg = cfg.test_dataloader.copy()
     loader_cfg.update(num_workers=0, persistent_workers=False)
     loader = Runner.build_dataloader(loader_cfg)
