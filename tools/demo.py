@@ -270,6 +270,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runner.train()
     clock(f"trained {cfg.train_cfg.max_iters} iterations")
 
+    # model selection: the checkpoint with the best Δm on the held-out part of train
+    best = runner.message_hub.get_info("best_ckpt")
+    if best and osp.isfile(best):
+        runner.load_checkpoint(best, map_location="cpu")
+        print(f"[demo] evaluating the best checkpoint on the held-out split: {best}")
     metrics = runner.test()
     clock("evaluated the model on the val split")
 
