@@ -5,9 +5,7 @@
 Prints, at the NYUD scale (8 x 1201 tokens, D=384, E=16, k=4, Hd=384, bf16 autocast):
 fwd+bwd medians of the grouped dispatch, of the two grouped GEMMs + GELU alone on
 pre-sorted rows (the GEMM floor), of the dense equal-FLOPs MLP, and a torch.profiler
-table of the grouped path's kernels (CUDA time per kernel, summed over 20 steps). Then
-the backbone forward (batch 32, 480x640, bf16)
-under each scaled-dot-product-attention backend.
+table of the grouped path's kernels (CUDA time per kernel, summed over 20 steps).
 """
 
 from __future__ import annotations
