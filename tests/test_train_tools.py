@@ -299,6 +299,12 @@ def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> N
     assert set(all_metrics) > set(metrics)
     assert all_metrics["depth/rmse"] == pytest.approx(metrics["depth/rmse"], rel=1e-5)
 
+    # --amp: the same pathway under bfloat16 autocast lands near the float32 result
+    amp_metrics = test_tool.main(
+        [config, ckpt, "--task", "depth", "--amp", "--work-dir", str(tmp_path / "w3")]
+    )
+    assert amp_metrics["depth/rmse"] == pytest.approx(metrics["depth/rmse"], rel=0.05)
+
 
 def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
     ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")

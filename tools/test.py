@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluate only these tasks, each through the single-task pathway",
     )
     parser.add_argument("--work-dir", help="directory for the evaluation logs")
+    parser.add_argument(
+        "--amp", action="store_true", help="run the model under bfloat16 autocast (GPU, or CPU)"
+    )
     parser.add_argument("--out", help="dump the predictions to this pickle file (.pkl)")
     parser.add_argument(
         "--show-dir", help="save image | prediction | ground-truth PNGs per task here"
@@ -81,6 +84,8 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
     cfg.resume = False
+    if args.amp:
+        cfg.test_cfg = dict(type="AmpTestLoop", dtype="bfloat16")
     if args.show_dir:
         cfg.default_hooks.visualization = dict(
             type="MultiTaskVisualizationHook", draw=True, out_dir=args.show_dir, interval=1

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="resume from CKPT, or (no value) from the latest checkpoint in the work dir",
     )
     parser.add_argument(
-        "--amp", action="store_true", default=False, help="automatic mixed precision (GPU)"
+        "--amp", action="store_true", default=False, help="bfloat16 automatic mixed precision (GPU)"
     )
     parser.add_argument(
         "--cfg-options",
@@ -77,8 +77,9 @@ def build_config(args: argparse.Namespace) -> Config:
                 f"--amp needs optim_wrapper.type 'OptimWrapper' or 'AmpOptimWrapper', "
                 f"got {wrapper!r} in {args.config}"
             )
+        # bfloat16: float32's exponent range, so no loss scaling is needed
         cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.loss_scale = "dynamic"
+        cfg.optim_wrapper.dtype = "bfloat16"
     if args.resume == "auto":
         cfg.resume = True
         cfg.load_from = None

@@ -2,6 +2,7 @@
 
 from .distributed import CPUAwareDistributedDataParallel, init_cpu_distributed
 from .hooks import NonFiniteLossError, NonFiniteLossHook
+from .loops import AmpTestLoop
 from .preflight import (
     check_config_tasks,
     check_data_roots,
@@ -17,6 +18,7 @@ from .visualization import (
 )
 
 __all__ = [
+    "AmpTestLoop",
     "CPUAwareDistributedDataParallel",
     "MultiTaskVisualizationHook",
     "NonFiniteLossError",

@@ -4,14 +4,19 @@ mmengine's ``Evaluator`` runs its metrics independently and only merges their ou
 dicts, so a metric placed after the task metrics cannot read their results. Δm is
 therefore ONE metric that owns the per-task metrics: it forwards every batch to each of
 them, lets each evaluate itself (including its own cross-rank collection), returns all
-their keys unchanged and adds the deltas::
+their keys unchanged and adds the deltas. In a config it must be a one-element LIST
+(mmengine reads a dict that has a ``metrics`` key as an Evaluator config, not a metric)::
 
-    val_evaluator = dict(
-        type='MultiTaskDeltaMetric',
-        dataset='nyud',
-        metrics=dict(
-            semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
-            depth=dict(type='DepthErrorMetric')))
+    val_evaluator = [
+        dict(
+            type='MultiTaskDeltaMetric',
+            dataset='nyud',
+            metrics=dict(
+                semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
+                depth=dict(type='DepthErrorMetric'),
+            ),
+        )
+    ]
 
 Keys: every task metric's keys (``semseg/mIoU``, ``depth/rmse``, ...) plus
 ``multitask/delta_m`` and ``multitask/delta_<task>`` for every task in the average, all in

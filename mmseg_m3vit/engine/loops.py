@@ -1,0 +1,41 @@
+"""Evaluation loops: bf16 (or other dtype) autocast for ``tools/test.py --amp``.
+
+mmengine's ``TestLoop(fp16=True)`` autocasts to float16 only; M3ViT is run in bfloat16 on
+GPUs (same exponent range as float32, no loss of dynamic range in the router softmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from mmengine.runner import TestLoop
+from mmengine.runner.amp import autocast
+from mmseg.registry import LOOPS
+
+
+@LOOPS.register_module()
+class AmpTestLoop(TestLoop):
+    """``TestLoop`` whose forward passes run under ``torch.autocast(dtype=dtype)``.
+
+    Args:
+        runner, dataloader, evaluator: as for mmengine's ``TestLoop``.
+        dtype: autocast dtype name, ``'bfloat16'`` (default) or ``'float16'``.
+    """
+
+    def __init__(self, runner, dataloader, evaluator, dtype: str = "bfloat16") -> None:
+        if dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"AmpTestLoop dtype must be 'bfloat16' or 'float16', got {dtype!r}")
+        super().__init__(runner, dataloader, evaluator, fp16=False)
+        self.dtype = getattr(torch, dtype)
+
+    @torch.no_grad()
+    def run_iter(self, idx: int, data_batch: Sequence[dict]) -> None:
+        """Predict one batch under autocast and feed the evaluator (no test losses)."""
+        self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
+        with autocast(dtype=self.dtype):
+            outputs = self.runner.model.test_step(data_batch)
+        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+        self.runner.call_hook(
+            "after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs
+        )
