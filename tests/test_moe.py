@@ -16,6 +16,7 @@ from mmseg_m3vit.models.moe import (
     sorted_dispatch,
     vmoe_top_k,
 )
+from mmseg_m3vit.models.moe.dispatch import expert_loop_dispatch
 
 
 def _experts(e: int, d: int, hd: int, seed: int = 0):
@@ -219,7 +220,7 @@ def test_benchmark_tool_runs_tiny_and_its_loop_matches() -> None:
     w = _experts(4, 8, 6)
     ids, gates = _random_routing(9, 4, 2)
     ref = _per_token_reference(x, ids, gates, *w)
-    assert torch.allclose(tool.loop_dispatch(x, ids, gates, *w).double(), ref, atol=1e-5)
+    assert torch.allclose(expert_loop_dispatch(x, ids, gates, *w).double(), ref, atol=1e-5)
     args = ["--cpu-images", "1", "--tokens", "10", "--dim", "8", "--experts", "4"]
     args += ["--top-k", "2", "--hidden", "4", "--iters", "1", "--warmup", "0", "--device", "cpu"]
     rows = tool.main(args)["cpu"]

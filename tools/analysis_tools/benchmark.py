@@ -25,39 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmseg_m3vit.models.moe.dispatch import (
-    check_dispatch_inputs,
-    register_dispatch,
-    sorted_dispatch,
-)
+from mmseg_m3vit.models.moe.dispatch import expert_loop_dispatch, sorted_dispatch
 from mmseg_m3vit.models.moe.grouped import grouped_dispatch
-
-
-def expert_loop_dispatch(
-    x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
-) -> Tensor:
-    """Mixtral-style baseline: for every expert, find its tokens (host sync) and run them.
-
-    Shapes as :func:`mmseg_m3vit.models.moe.dispatch.sorted_dispatch`.
-    """
-    check_dispatch_inputs(x, expert_ids, gates, w1, b1, w2, b2)
-    out = None
-    for e in range(w1.shape[0]):
-        token, slot = torch.where(expert_ids == e)
-        if token.numel() == 0:
-            continue
-        h = F.gelu(x[token] @ w1[e] + b1[e])
-        y = (h @ w2[e] + b2[e]) * gates[token, slot].unsqueeze(1).to(h.dtype)
-        if out is None:
-            out = x.new_zeros(x.shape, dtype=y.dtype)
-        out.index_add_(0, token, y)
-    return out if out is not None else x.new_zeros(x.shape)
-
-
-register_dispatch("loop", expert_loop_dispatch)
 
 
 # ----------------------------------------------------------------------------- timing

@@ -37,18 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from mmseg_m3vit.models.moe import DISPATCH_IMPLS, vmoe_top_k  # noqa: E402
-
-
-def loop_dispatch(x, expert_ids, gates, w1, b1, w2, b2):
-    """Per-expert loop (the straightforward implementation): (M, D) -> (M, D)."""
-    out = torch.zeros_like(x)
-    for e in range(w1.shape[0]):
-        token, slot = torch.where(expert_ids == e)
-        if token.numel() == 0:
-            continue
-        h = F.gelu(x[token] @ w1[e] + b1[e]) @ w2[e] + b2[e]
-        out = out.index_add(0, token, h * gates[token, slot, None])
-    return out
+from mmseg_m3vit.models.moe.dispatch import expert_loop_dispatch  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -92,10 +81,10 @@ def run_device(args: argparse.Namespace, device: torch.device, images: int) -> l
 
     impls: dict[str, Callable[[], torch.Tensor]] = {
         "dense": lambda: F.linear(F.gelu(F.linear(x, fc1, fb1)), fc2, fb2),
-        "loop": lambda: loop_dispatch(x, ids, gates, w1, b1, w2, b2),
+        "loop": lambda: expert_loop_dispatch(x, ids, gates, w1, b1, w2, b2),
     }
     for name, fn in DISPATCH_IMPLS.items():
-        if name != "sorted" and device.type != "cuda":
+        if name == "loop" or (name != "sorted" and device.type != "cuda"):
             continue  # the fast paths are CUDA-only and fall back to 'sorted' elsewhere
         impls[name] = lambda fn=fn: fn(x, ids, gates, w1, b1, w2, b2)
     rows = []

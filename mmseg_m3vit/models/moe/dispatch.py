@@ -13,7 +13,8 @@ dims, E experts, k experts per token):
   ``expert[e](v) = GELU(v @ w1[e] + b1[e]) @ w2[e] + b2[e]`` (exact erf GELU).
 
 Implementations are registered by name in :data:`DISPATCH_IMPLS`; ``'sorted'`` is the
-portable reference path (CPU and GPU). A grouped-matmul CUDA path can be added with
+portable reference path (CPU and GPU), ``'loop'`` the per-expert-loop baseline that the
+benchmarks compare against. A grouped-matmul CUDA path can be added with
 :func:`register_dispatch` (e.g. ``'grouped'``); ``'auto'`` picks it for CUDA tensors
 when registered, else ``'sorted'``.
 """
@@ -88,7 +89,29 @@ def sorted_dispatch(
     return x.new_zeros((m, d), dtype=y.dtype).index_add_(0, token_idx, y)
 
 
-DISPATCH_IMPLS: dict[str, DispatchFn] = {"sorted": sorted_dispatch}
+def expert_loop_dispatch(
+    x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensor:
+    """The straightforward baseline (Mixtral style): per expert, find its tokens and run them.
+
+    Same function as :func:`sorted_dispatch`, but ``torch.where`` per expert costs a host
+    synchronisation each; kept as the ``'loop'`` implementation for benchmarks.
+    """
+    check_dispatch_inputs(x, expert_ids, gates, w1, b1, w2, b2)
+    out = None
+    for e in range(w1.shape[0]):
+        token, slot = torch.where(expert_ids == e)
+        if token.numel() == 0:
+            continue
+        h = F.gelu(x[token] @ w1[e] + b1[e])
+        y = (h @ w2[e] + b2[e]) * gates[token, slot].unsqueeze(1).to(h.dtype)
+        if out is None:
+            out = x.new_zeros(x.shape, dtype=y.dtype)
+        out.index_add_(0, token, y)
+    return out if out is not None else x.new_zeros(x.shape)
+
+
+DISPATCH_IMPLS: dict[str, DispatchFn] = {"sorted": sorted_dispatch, "loop": expert_loop_dispatch}
 
 
 def register_dispatch(name: str, fn: DispatchFn) -> None:
