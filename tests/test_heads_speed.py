@@ -1,0 +1,129 @@
+"""Fast x2 upsampling of the PUP head against F.interpolate and a float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmseg_m3vit  # noqa: F401  (registers everything)
+from mmseg_m3vit.models.decode_heads import PUPHead, pup_head
+from mmseg_m3vit.models.decode_heads.pup_head import upsample2x, upsample2x_lerp
+
+SHAPES = [(2, 3, 1, 1), (1, 2, 1, 5), (2, 4, 3, 7), (1, 3, 5, 2), (2, 17, 6, 8), (1, 16, 4, 5)]
+
+
+def _ref_np(x: np.ndarray) -> np.ndarray:
+    """Hand-written x2 bilinear, align_corners=False (half-pixel centres, clamped)."""
+    b, c, h, w = x.shape
+    out = np.zeros((b, c, 2 * h, 2 * w))
+
+    def src(o: int, n: int) -> tuple[int, int, float]:
+        s = max((o + 0.5) / 2 - 0.5, 0.0)
+        i0 = int(np.floor(s))
+        return i0, min(i0 + 1, n - 1), s - i0
+
+    for oy in range(2 * h):
+        y0, y1, ly = src(oy, h)
+        for ox in range(2 * w):
+            x0, x1, lx = src(ox, w)
+            out[:, :, oy, ox] = (1 - ly) * ((1 - lx) * x[:, :, y0, x0] + lx * x[:, :, y0, x1]) + (
+                ly * ((1 - lx) * x[:, :, y1, x0] + lx * x[:, :, y1, x1])
+            )
+    return out
+
+
+def _rand(shape, seed, dtype=torch.float64, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lerp_matches_float64_reference(shape, channels_last) -> None:
+    x = _rand(shape, seed=sum(shape), channels_last=channels_last)
+    out = upsample2x_lerp(x)
+    ref = torch.from_numpy(_ref_np(x.numpy()))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        out, F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    )
+    if channels_last and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_lerp_low_precision_against_float64(dtype, tol) -> None:
+    x64 = _rand((2, 16, 7, 9), seed=3)
+    ref = F.interpolate(x64, scale_factor=2, mode="bilinear", align_corners=False)
+    for cl in (False, True):
+        x = x64.to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        out = upsample2x_lerp(x)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        err = (out.double() - ref).norm() / ref.norm()
+        assert err < tol, (cl, float(err))
+
+
+def test_upsample2x_dispatch_and_autograd() -> None:
+    x = _rand((1, 2, 3, 4), seed=5, dtype=torch.float32).requires_grad_(True)
+    with pytest.raises(ValueError, match="unknown impl"):
+        upsample2x(x.detach(), impl="nearest")
+    # autograd needs the result: F.interpolate, gradients as F.interpolate's
+    out = upsample2x(x, impl="lerp")
+    out.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    F.interpolate(x2, scale_factor=2, mode="bilinear").square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    with torch.no_grad():  # triton requested on the CPU: lerp fallback, same values
+        torch.testing.assert_close(upsample2x(x, impl="triton"), out.detach())
+        torch.testing.assert_close(upsample2x(x, impl="auto"), out.detach())
+
+
+def _head(align_corners: bool) -> PUPHead:
+    torch.manual_seed(0)
+    head = PUPHead(
+        "semseg",
+        5,
+        dict(type="PixelCrossEntropyLoss"),
+        in_channels=8,
+        channels=6,
+        align_corners=align_corners,
+    )
+    for m in head.modules():  # non-trivial BN statistics for the eval path
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return head.eval()
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("grid,out_size", [((3, 5), None), ((3, 5), (45, 77)), ((2, 2), (32, 32))])
+def test_head_fast_path_equals_interpolate(monkeypatch, align_corners, grid, out_size) -> None:
+    head = _head(align_corners)
+    tokens = torch.randn(2, 1 + grid[0] * grid[1], 8)
+    outs = {}
+    for impl in ("interpolate", "lerp"):
+        monkeypatch.setattr(pup_head, "UPSAMPLE_IMPL", impl)
+        with torch.inference_mode():
+            outs[impl] = head(tokens, grid, out_size)
+    expect = out_size or (16 * grid[0], 16 * grid[1])
+    assert outs["lerp"].shape == (2, 5, *expect)
+    torch.testing.assert_close(outs["lerp"], outs["interpolate"], rtol=1e-5, atol=1e-5)
+
+
+def test_head_training_path_unchanged(monkeypatch) -> None:
+    head = _head(False).train()
+    tokens = torch.randn(2, 1 + 6, 8)
+    grads = []
+    for impl in ("interpolate", "lerp"):
+        monkeypatch.setattr(pup_head, "UPSAMPLE_IMPL", impl)
+        head.zero_grad()
+        torch.manual_seed(1)
+        head(tokens, (2, 3)).square().mean().backward()
+        grads.append(head.convs[0].conv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
