@@ -19,6 +19,9 @@ Flow (every stage's model is saved under ``<out>/finn/intermediate_models``):
    verification of the HW-layer graph against the Brevitas output, dataflow partition,
    SpecializeLayers for the board's part, folding (target FPS or a folding JSON),
    minimize bit width, estimate reports, and in ``--mode codegen`` HLS/RTL code;
+   Known limitation of ``--mode codegen``: finn-plus 1.6.1 generates the HLS/RTL sources
+   of the layers but stops at the top-k counter's MVAU ("True binary (non-bipolar)
+   inputs not yet supported"); ``--mode estimate`` is the verified path;
 5. ``<out>/summary.json`` + ``<out>/SUMMARY.md``; ``<out>/COMPLETE`` is written last and
    atomically, and removed at the start of every run, so an interrupted build is never
    mistaken for a finished one.

@@ -85,12 +85,11 @@ def own_estimate(op_type: str, inst: Any) -> dict[str, float] | None:
         _add(total, FLOAT_ADD, 3 * pe)
     elif base == "ScaledDotProductAttention":
         qk_dim = int(_attr(inst, "QKDim", 1))
-        q_len = int(_attr(inst, "QLen", 1))
         v_dim = int(_attr(inst, "VDim", 1))
         kv_len = int(_attr(inst, "KVLen", 1))
         emb_fold = max(int(_attr(inst, "EmbFold", 1)), 1)
         seq_fold = max(int(_attr(inst, "SeqFold", 1)), 1)
-        qk_bits = int(_attr(inst, "QKBits", 8)) if False else 8
+        qk_bits = 8  # q, k, v are 8-bit in this flow (QuantSpec.act_bits default)
         # K and V held on chip for the whole frame
         _add(total, buffer_cost(qk_bits * kv_len * qk_dim))
         _add(total, buffer_cost(qk_bits * kv_len * v_dim))
@@ -101,7 +100,6 @@ def own_estimate(op_type: str, inst: Any) -> dict[str, float] | None:
         _add(total, FLOAT_EXP, max(kv_len // seq_fold, 1))
         _add(total, FLOAT_ADD, 1)
         _add(total, FLOAT_DIV, 1)
-        _ = q_len
     elif base in ("DuplicateStreams", "ReplicateStream"):
         width = 0
         try:

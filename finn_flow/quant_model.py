@@ -134,8 +134,8 @@ class QuantTopKGate(nn.Module):
     The comparisons are integer linear algebra followed by sign (bipolar) quantizers:
     with q = p * (2^b-1) integers, ``s[e,j] = sign(q[j] - q[e] + [j<e] - 1/2)`` (+1 when j
     beats e, never 0) via a fixed {-L,0,L} matrix; ``count[e] = (sum_j s[e,j] + E) / 2``
-    (the diagonal always gives -1); ``keep[e] = sign(k - count[e] - 1/2)``;
-    ``g = p * (keep + 1) / 2``.
+    (the diagonal always gives -1); ``drop[e] = sign(count[e] - k + 1/2)``;
+    ``g = p * (1 - drop) / 2``.
 
     Shapes: p (1, N, E) -> gates (1, N, E).
     """
@@ -161,17 +161,19 @@ class QuantTopKGate(nn.Module):
         self.beats = _sign_act()
         count = torch.zeros(e, e * e)
         for ei in range(e):
-            count[ei, ei * e : (ei + 1) * e] = -0.5
-        # k - count - 1/2 = k - 1/2 - E/2 - sum_j s / 2
-        self.count = _fixed_linear(count, torch.full((e,), top_k - 0.5 - 0.5 * e))
-        self.keep = _sign_act()
+            count[ei, ei * e : (ei + 1) * e] = 0.5
+        # count - k + 1/2 = sum_j s / 2 + E/2 + 1/2 - k  (> 0: dropped, < 0: kept).
+        # Positive weights on purpose: finn-plus's weight-bit-width minimisation types a
+        # {-c, 0} matrix as BIPOLAR, which cannot hold the zeros.
+        self.count = _fixed_linear(count, torch.full((e,), 0.5 * e + 0.5 - top_k))
+        self.drop = _sign_act()
         self.gate_quant = _const_act(prob_bits, 1.0)
 
     def forward(self, p: Tensor) -> Tensor:
         """p (1, N, E) softmax probabilities -> gates (1, N, E) on the 1/(2^b-1) grid."""
         pq = self.prob_quant(p)
-        keep = self.keep(self.count(self.beats(self.diff(self.diff_in(p)))))
-        return self.gate_quant(pq * (keep + 1.0) * 0.5)
+        drop = self.drop(self.count(self.beats(self.diff(self.diff_in(p)))))
+        return self.gate_quant(pq * (1.0 - drop) * 0.5)
 
 
 class QuantAttention(nn.Module):
