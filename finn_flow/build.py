@@ -19,9 +19,10 @@ Flow (every stage's model is saved under ``<out>/finn/intermediate_models``):
    verification of the HW-layer graph against the Brevitas output, dataflow partition,
    SpecializeLayers for the board's part, folding (target FPS or a folding JSON),
    minimize bit width, estimate reports, and in ``--mode codegen`` HLS/RTL code;
-   Known limitation of ``--mode codegen``: finn-plus 1.6.1 generates the HLS/RTL sources
-   of the layers but stops at the top-k counter's MVAU ("True binary (non-bipolar)
-   inputs not yet supported"); ``--mode estimate`` is the verified path;
+   ``--mode codegen`` writes every layer's HLS C++ / Verilog under ``<out>/finn_build``
+   ({0,1} weight matrices are typed INT2, not BINARY, which the MVAU generators reject);
+   the task head runs on the FPGA too (nearest-neighbour upsampling, see
+   :class:`finn_flow.quant_model.QuantPUPHead`);
 5. ``<out>/summary.json`` + ``<out>/SUMMARY.md``; ``<out>/COMPLETE`` is written last and
    atomically, and removed at the start of every run, so an interrupted build is never
    mistaken for a finished one.
@@ -185,6 +186,29 @@ def build_float_backbone(cfg: Any, task: str, checkpoint: str | None, seed: int)
     return backbone, info
 
 
+def build_float_head(cfg: Any, task: str, embed_dims: int, checkpoint: str | None):
+    """Build the float task head of the config (eval mode), loading ``heads.<task>.*``."""
+    import torch
+    from mmseg.registry import MODELS
+
+    hcfg = dict(cfg.model.decode_heads[task])
+    hcfg.setdefault("task", task)
+    hcfg.setdefault("in_channels", embed_dims)
+    head = MODELS.build(hcfg).eval()
+    if checkpoint is not None:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+        prefix = f"heads.{task}."
+        hsd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not hsd:
+            raise BuildError(f"checkpoint {checkpoint!r} has no '{prefix}*' head tensors")
+        missing, _ = head.load_state_dict(hsd, strict=False)
+        missing = [k for k in missing if not k.startswith("loss_decode")]
+        if missing:
+            raise BuildError(f"checkpoint {checkpoint!r} lacks head tensors {missing[:8]}")
+    return head
+
+
 def calibration_images(cfg: Any, n: int, size: tuple[int, int], seed: int):
     """Up to ``n`` normalised (1, 3, H, W) images and a note on where they came from.
 
@@ -244,10 +268,18 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         InferElementwiseBinaryOperation,
     )
     from finn.transformation.fpgadataflow.convert_to_hw.pwpolyf import InferPWPolyFLayer
+    from finn.transformation.fpgadataflow.convert_to_hw.upsample import InferUpsample
+    from finn.transformation.streamline.absorb import (
+        AbsorbConsecutiveTransposes,
+        AbsorbTransposeIntoMultiThreshold,
+    )
     from finn.transformation.streamline.extract_multithreshold_scale_bias import (
         ExtractMultiThresholdScaleBias,
     )
     from finn.transformation.streamline.extract_norm_scale_bias import ExtractNormScaleBias
+    from finn.transformation.streamline.reorder import MakeScaleResizeNHWC
+    from qonnx.transformation.general import GiveUniqueNodeNames
+    from qonnx.transformation.infer_data_layouts import InferDataLayouts
 
     from finn_flow.transforms import (
         DuplicateForkedConstMul,
@@ -282,8 +314,18 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         model = model.transform(ExtractMultiThresholdScaleBias())
         model = model.transform(ExtractNormScaleBias())
         model = fs.step_streamline(model, cfg)
+        if model.get_nodes_by_op_type("Resize"):
+            # head: move the NCHW<->NHWC transposes of the lowered convs past the
+            # nearest-neighbour Resize nodes so that they cancel (all NHWC streams)
+            for _ in range(4):  # a chain of k Resize nodes needs k rounds
+                model = model.transform(InferDataLayouts())
+                model = model.transform(MakeScaleResizeNHWC())
+                model = model.transform(AbsorbConsecutiveTransposes())
+                model = model.transform(AbsorbTransposeIntoMultiThreshold())
+                model = model.transform(AbsorbConsecutiveTransposes())
         model = model.transform(DuplicateForkedConstMul())
         model = fs.step_streamline(model, cfg)
+        model = model.transform(InferDataLayouts())
         return model.transform(GeluToThresholds())
 
     def step_m3vit_convert_to_hw(model, cfg):
@@ -291,6 +333,8 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         integer GELU-table arithmetic (so MatMuls after it see exact integer types)."""
         model = model.transform(InferScaledDotProductAttention())
         model = model.transform(InferElementwiseBinaryOperation(is_gelu_table_op))
+        model = model.transform(InferUpsample())  # head: Resize(nearest) -> HW upsampler
+        model = model.transform(GiveUniqueNodeNames())
         return fs.step_convert_to_hw(model, cfg)
 
     def step_m3vit_check_hw(model, cfg):
@@ -333,6 +377,31 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         write_atomic(out / "folding.json", json.dumps(folding, indent=2, default=str))
         return model
 
+    def step_m3vit_codegen_types(model, cfg):
+        """Retype {0, 1} weight matrices from BINARY to INT2 (same values).
+
+        finn-plus's weight-width minimisation types a matrix of zeros and ones as BINARY,
+        which its MVAU code generators reject ("True binary (non-bipolar) inputs not yet
+        supported"; the RTL MVAU needs signed weights). INT2 holds 0 and 1 exactly, so
+        the function and the Python execution are unchanged; the estimates count 2-bit
+        weights. Hit by the MoE stand-in's fixed 0/1 matrices (top-k counter, gate
+        expansion) and by all-zero weights (for example random-init expert biases).
+        """
+        from qonnx.core.datatype import DataType
+        from qonnx.custom_op.registry import getCustomOp
+
+        retyped = []
+        for node in model.graph.node:
+            if not node.op_type.startswith(("MVAU", "VVAU")):
+                continue
+            inst = getCustomOp(node)
+            if inst.get_nodeattr("weightDataType") == "BINARY":
+                inst.set_nodeattr("weightDataType", "INT2")
+                model.set_tensor_datatype(node.input[1], DataType["INT2"])
+                retyped.append(node.name)
+        state["codegen_retyped_weights"] = retyped
+        return model
+
     steps: list[Callable] = [
         fs.step_qonnx_to_finn,
         fs.step_tidy_up,
@@ -346,6 +415,7 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         step_set_folding,
         step_m3vit_save_folding,
         fs.step_minimize_bit_width,
+        step_m3vit_codegen_types,
         fs.step_generate_estimate_reports,
     ]
     if state["mode"] == "codegen":
@@ -430,8 +500,29 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
         f"- calibration: {summary['calibration']}",
         f"- pathway: {summary['pathway']['description']}",
         f"- MoE: {summary['pathway']['moe_form']}",
-        f"- on FPGA / not on FPGA: {summary['pathway']['not_on_fpga']}",
     ]
+    on_fpga = summary["pathway"].get("on_fpga")
+    if on_fpga:
+        lines += ["", "## What runs where", "", "On the FPGA (this streaming design):", ""]
+        lines += [f"- {item}" for item in on_fpga]
+        lines += ["", "On the host (CPU / DMA), not in this design:", ""]
+        lines += [f"- {item}" for item in summary["pathway"].get("on_host", [])]
+        if summary["pathway"].get("output"):
+            lines += ["", f"FPGA output: {summary['pathway']['output']}"]
+    else:
+        lines.append(f"- not on FPGA: {summary['pathway']['not_on_fpga']}")
+    cg = summary.get("codegen")
+    if cg:
+        lines += ["", "## Generated sources (--mode codegen; no synthesis)", ""]
+        lines.append(
+            f"- {cg['layers']} layers, {cg['files']} files under `{cg['folder']}` "
+            f"(by type: {cg['by_extension']})"
+        )
+        if cg.get("retyped_weights"):
+            lines.append(
+                "- {0,1} weight matrices typed INT2 instead of BINARY for the MVAU "
+                f"generators: {cg['retyped_weights']}"
+            )
     if summary.get("error"):
         lines += ["", "## Error", "", "```", summary["error"], "```"]
     ver = summary.get("verification") or []
@@ -477,6 +568,41 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     write_atomic(out / "SUMMARY.md", "\n".join(lines) + "\n")
 
 
+def codegen_listing(final_model_path: Path, build_dir: str) -> dict[str, Any]:
+    """Where ``step_hw_codegen`` wrote each layer's HLS/RTL sources (and what)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import getCustomOp
+
+    model = ModelWrapper(str(final_model_path))
+    nodes = list(model.graph.node)
+    if len(nodes) == 1 and nodes[0].op_type == "StreamingDataflowPartition":
+        model = ModelWrapper(getCustomOp(nodes[0]).get_nodeattr("model"))
+        nodes = list(model.graph.node)
+    per_layer: dict[str, list[str]] = {}
+    missing = []
+    for node in nodes:
+        folder = getCustomOp(node).get_nodeattr("code_gen_dir_ipgen")
+        if not folder or not Path(folder).is_dir():
+            missing.append(node.name)
+            continue
+        per_layer[node.name] = sorted(
+            f.name for f in Path(folder).iterdir() if f.suffix in (".cpp", ".hpp", ".v", ".sv")
+        )
+    if missing:
+        raise BuildError(f"step_hw_codegen wrote no sources for {missing}")
+    by_ext: dict[str, int] = {}
+    for f in Path(build_dir).rglob("*"):
+        if f.is_file():
+            by_ext[f.suffix or "(none)"] = by_ext.get(f.suffix or "(none)", 0) + 1
+    return {
+        "folder": str(build_dir),
+        "layers": len(per_layer),
+        "files": sum(by_ext.values()),
+        "by_extension": dict(sorted(by_ext.items())),
+        "sources_per_layer": per_layer,
+    }
+
+
 def verification_note(ver: list[dict[str, Any]]) -> str:
     """Say where any difference to the Brevitas model comes from."""
     by_stage = {v["stage"]: v for v in ver}
@@ -490,11 +616,16 @@ def verification_note(ver: list[dict[str, Any]]) -> str:
             "that compute in float32 (LayerNorm, the softmax inside ScaledDotProductAttention "
             "and HWSoftmax, float ElementwiseMul/Add), whose arithmetic order differs from "
             "PyTorch's and moves a few values across a rounding boundary of the next "
-            "quantizer (errors in LSBs of the last block's output quantizer)"
+            "quantizer (errors in LSBs of the output quantizer: the head's logits)"
         )
+    hw = by_stage.get("hw_layers", stream)
     return (
-        "streamlining already changes the result (float re-association of scales); "
-        "errors in LSBs of the last block's output quantizer"
+        f"streamlining already changes the result by at most {stream['max_error_lsb']:.3g} "
+        f"LSB (mean {stream['mean_error_lsb']:.3g}): FINN folds the float scales (dequant "
+        "scales, LayerNorm affine, the head's BatchNorm) into float32 thresholds in another "
+        "order than PyTorch, which moves a few values across a rounding boundary; the "
+        f"HW-layer graph differs by at most {hw['max_error_lsb']:.3g} LSB (errors in LSBs "
+        "of the output quantizer: the head's logits)"
     )
 
 
@@ -555,9 +686,23 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear flow
         spec = qm.QuantSpec(weight_bits=bits, act_bits=bits, prob_bits=8)
         qpath = qm.QuantM3ViTPathway(dims, spec)
         qm.load_backbone(qpath, backbone, args.task)
+        fhead = build_float_head(cfg, args.task, dims.dim, args.checkpoint)
+        head_mode = getattr(fhead, "upsample_mode", "bilinear")
+        native = (grid[0] * 2 ** (fhead.num_up + 1), grid[1] * 2 ** (fhead.num_up + 1))
+        extra = (size[0] // native[0], size[1] // native[1])
+        exact = (extra[0] * native[0], extra[1] * native[1]) == tuple(size)
+        if not exact:
+            extra = (1, 1)  # the head's native output; the host resizes it (said below)
+        conv_bias = fhead.convs[0].conv.bias is not None
+        qhead = qm.QuantPUPHead(
+            grid, dims.dim, fhead.channels, fhead.num_up, fhead.num_classes, spec,
+            conv_bias=conv_bias, extra=extra,
+        )  # fmt: skip
+        qhead.load_float(fhead)
+        qmodel = qm.QuantTaskModel(qpath, qhead)
         n_cal = args.calib_images or int(fpga.get("calib_images", 8))
         images, cal_note = calibration_images(cfg, n_cal, size, args.seed)
-        qm.calibrate(qpath, [qm.patchify(im, p) for im in images])
+        qm.calibrate(qmodel, [qm.patchify(im, p) for im in images])
         summary["calibration"] = cal_note
         summary["quantization"] = spec.as_dict() | {
             "weights": "per-tensor signed, narrow range",
@@ -566,39 +711,77 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear flow
             "LayerNorm": "float (finn-plus LayerNorm layer)",
             "GELU": "exact: integer table between its two quantizers, built as two "
             "thresholding layers (finn_flow/transforms.py GeluToThresholds)",
+            "head": "conv weights per-tensor signed; BatchNorm + ReLU folded into "
+            "unsigned thresholds; nearest x2 upsampling (exact on integers)",
         }
         # float vs quantized agreement (metric on val data is not computed in part 1)
+        out_hw = tuple(native[i] * extra[i] for i in range(2))
         with torch.no_grad():
-            errs = []
+            errs, head_errs = [], []
             for im in images:
                 f_tok = backbone(im, args.task).tokens
                 q_tok = qpath(qm.patchify(im, p))
                 errs.append(float((f_tok - q_tok).norm() / f_tok.norm()))
+                f_out = fhead(f_tok, grid, out_hw).permute(0, 2, 3, 1)
+                q_out = qhead(q_tok)
+                head_errs.append(float((f_out - q_out).norm() / f_out.norm().clamp_min(1e-12)))
         summary["float_vs_quant"] = {
             "relative_l2_error_of_tokens": sum(errs) / len(errs),
+            "relative_l2_error_of_head_output": sum(head_errs) / len(head_errs),
+            "float_head_upsample_mode": head_mode,
             "images": cal_note,
-            "val_metric": "skipped: part 1 reports token agreement only "
-            "(the task metric needs the head and the val data)",
+            "val_metric": "skipped: part 1 reports token / head-output agreement only "
+            "(the task metric needs trained weights and the val data)",
         }
         x = qm.patchify(images[0], p)
         with torch.no_grad():
-            y = qpath(x)
+            y = qmodel(x)
         np.save(out / "input.npy", x.numpy().astype(np.float32))
         np.save(out / "expected_output.npy", y.numpy().astype(np.float32))
-        state["output_lsb"] = float(qpath.blocks[-1].res2.act_quant.scale().item())
+        state["output_lsb"] = float(qhead.out_quant.act_quant.scale().item())
         onnx_path = out / "model_qonnx.onnx"
         print("[build] exporting QONNX ...", flush=True)
-        export_qonnx(qpath, args=x, export_path=str(onnx_path), opset_version=17)
+        export_qonnx(qmodel, args=x, export_path=str(onnx_path), opset_version=17)
+        head_note = (
+            f"PUP head (LayerNorm, {fhead.num_up + 1} conv3x3+BN+ReLU at {fhead.channels} "
+            f"channels, conv1x1, {fhead.num_up + 1} nearest x2 upsamplings"
+            + (f", final nearest x{extra[0]}x{extra[1]}" if extra != (1, 1) else "")
+            + f") -> logits (1, {out_hw[0]}, {out_hw[1]}, {fhead.num_classes}) NHWC"
+        )
+        host = ["patch cutting of the input frame (pure pixel reordering, host/DMA)"]
+        if tuple(out_hw) != tuple(size):
+            host.append(
+                f"bilinear resize of the {out_hw[0]}x{out_hw[1]} logits to the "
+                f"{size[0]}x{size[1]} input (not an integer factor)"
+            )
+        host.append(
+            "task post-processing (argmax / sigmoid / normalisation, resize to the "
+            "original image size)"
+        )
+        fpga_parts = [
+            "patch projection (QuantLinear), CLS/position token table",
+            f"{dims.num_layers} transformer blocks (attention, LayerNorm, GELU, "
+            f"MoE stand-in on {list(dims.moe_layers)})",
+            head_note,
+        ]
+        if head_mode != "nearest":
+            fpga_parts.append(
+                "NOTE: the float head is configured with bilinear upsampling; the FPGA form "
+                "uses nearest (set upsample_mode='nearest', as configs/fpga does)"
+            )
         summary["pathway"] = {
             "dims": {k: v for k, v in vars(dims).items()},
             "tokens": dims.tokens,
-            "parameters": qm.count_parameters(qpath),
+            "parameters": qm.count_parameters(qmodel),
             "description": f"patch projection + {dims.num_layers} blocks "
-            f"(MoE on {list(dims.moe_layers)}), task {args.task}'s routers",
+            f"(MoE on {list(dims.moe_layers)}), task {args.task}'s routers + "
+            f"{args.task} PUP head",
             "moe_form": "part-1 stand-in: all experts computed, weighted by the router's "
             "top-k gates (zero elsewhere); the same function as top-k dispatch",
-            "not_on_fpga": "patch cutting (pure pixel reordering) is done by the host/DMA; "
-            "the task head (PUP) is NOT in this build yet (runs on the host)",
+            "on_fpga": fpga_parts,
+            "on_host": host,
+            "not_on_fpga": "; ".join(host),
+            "output": f"(1, {out_hw[0]}, {out_hw[1]}, {fhead.num_classes}) NHWC, {bits}-bit logits",
         }
 
         from finn.builder.build_dataflow_config import DataflowBuildConfig, DataflowOutputType
@@ -648,11 +831,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear flow
             "throughput_fps": 1e9 / (clk * max_cycles),
             "latency_ms": lat_cycles * clk * 1e-6,
             "ddr_bytes_per_frame": in_bytes + out_bytes,
-            "ddr_note": "input patches + output tokens; all weights (every expert, the "
+            "ddr_note": "input patches + output logits; all weights (every expert, the "
             "part-1 stand-in) are on chip, so no weight traffic per frame",
             "finn_estimate_network_performance": perf,
         }
         summary["verification_note"] = verification_note(summary["verification"])
+        if args.mode == "codegen":
+            summary["codegen"] = codegen_listing(final, env.build_dir)
+            summary["codegen"]["retyped_weights"] = state.get("codegen_retyped_weights", [])
         summary["status"] = "complete"
         summary["seconds"] = round(time.time() - t_start, 1)
         write_summary(out, summary)

@@ -12,7 +12,10 @@ Assumptions (per unit of parallelism, "lane" = one element per cycle):
 - a float32 exp or reciprocal: 1,000 LUT, 7 DSP; a float32 divide: 800 LUT, 0 DSP;
 - a FIFO/buffer of B bits costs ceil(B / 18,432) BRAM_18K when above 1,024 bits
   (LUTRAM below that, 1 LUT per 32 bits);
-- stream replication: 1 LUT per bit of stream width per extra consumer (register fan-out).
+- stream replication: 1 LUT per bit of stream width per extra consumer (register fan-out);
+- nearest-neighbour upsampling (head): one input row buffered (WI x C x bits, re-read
+  HO/HI times) plus 100 LUT of counters; Crop / Reshape: 50 LUT of counters (pure
+  stream pass-through).
 """
 
 from __future__ import annotations
@@ -108,6 +111,18 @@ def own_estimate(op_type: str, inst: Any) -> dict[str, float] | None:
             width = 32
         outs = int(_attr(inst, "NumOutputStreams", 2))
         _add(total, {"LUT": width}, max(outs - 1, 1))
+    elif base == "UpsampleNearestNeighbour":
+        wi = int(_attr(inst, "WI", 1))
+        ch = int(_attr(inst, "NumChannels", 1))
+        bits = 8
+        try:
+            bits = int(inst.get_input_datatype().bitwidth())
+        except Exception:  # noqa: BLE001 - datatype unknown
+            pass
+        _add(total, buffer_cost(wi * ch * bits))
+        _add(total, {"LUT": 100})
+    elif base in ("Crop", "Reshape"):
+        _add(total, {"LUT": 50})
     else:
         return None
     lut = total.get("LUT", 0)

@@ -24,6 +24,12 @@ MoE FFN (top-k of E)          *stand-in computing the same function*: router ->
                               stacked QuantLinear(D, E*Hd) + GELU; hidden scaled by g
                               (expanded by a 0/1 matrix); QuantLinear(E*Hd, D) +
                               g @ b2. Part 2 replaces it with the reordered scheduler.
+PUP head (task head)          :class:`QuantPUPHead`: drop CLS (Gather -> Crop) -> LayerNorm
+                              -> (h, w, D) map -> [QuantConv2d 3x3 + BN + ReLU (BN and ReLU
+                              become thresholds), nearest x2 (UpsampleNearestNeighbour)]
+                              x num_up -> conv 3x3 -> conv1x1 -> nearest x2 -> NHWC
+                              output (B, H, W, C). Needs ``upsample_mode='nearest'`` in the
+                              float head (configs/fpga); bilinear has no FINN layer.
 ============================  =============================================================
 
 Everything the FINN build sees is defined here; the Brevitas model (not the float model) is
@@ -36,7 +42,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from brevitas.nn import QuantIdentity, QuantLinear
+import torch.nn.functional as F
+from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from brevitas.quant import (
     Int8ActPerTensorFloat,
     Int8WeightPerTensorFloat,
@@ -512,3 +519,106 @@ def count_parameters(module: nn.Module) -> int:
         if p.dim() >= 1 and "scaling" not in name and "value" not in name:
             total += p.numel()
     return total
+
+
+class QuantPUPHead(nn.Module):
+    """FPGA form of ``PUPHead`` (``upsample_mode='nearest'``): tokens -> NHWC logits.
+
+    tokens (1, 1+h*w, D) quantized -> (1, H, W, C) quantized, H = h * 2^(num_up+1) *
+    ``extra[0]`` (``extra``: an exact integer final resize, (1, 1) when none). The output
+    is channels-last so that the stream order is the FINN order (no final transpose).
+    """
+
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        dim: int,
+        channels: int,
+        num_up: int,
+        num_classes: int,
+        spec: QuantSpec,
+        conv_bias: bool = False,
+        extra: tuple[int, int] = (1, 1),
+    ) -> None:
+        super().__init__()
+        self.grid, self.dim, self.num_up, self.extra = tuple(grid), dim, num_up, tuple(extra)
+        h, w = grid
+        b = spec.weight_bits
+        self.register_buffer("patch_index", torch.arange(1, 1 + h * w))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_quant = _act(spec)
+        self.convs = nn.ModuleList(
+            QuantConv2d(
+                dim if i == 0 else channels,
+                channels,
+                3,
+                padding=1,
+                bias=conv_bias,
+                weight_quant=Int8WeightPerTensorFloat,
+                weight_bit_width=b,
+                return_quant_tensor=False,
+            )
+            for i in range(num_up + 1)
+        )
+        self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_up + 1))
+        self.relus = nn.ModuleList(
+            QuantReLU(
+                act_quant=Uint8ActPerTensorFloat,
+                bit_width=spec.act_bits,
+                return_quant_tensor=False,
+            )
+            for _ in range(num_up + 1)
+        )
+        self.conv_seg = QuantConv2d(
+            channels,
+            num_classes,
+            1,
+            bias=True,
+            weight_quant=Int8WeightPerTensorFloat,
+            weight_bit_width=b,
+            return_quant_tensor=False,
+        )
+        self.out_quant = _act(spec)
+
+    @torch.no_grad()
+    def load_float(self, head: nn.Module) -> None:
+        """Copy a float ``PUPHead``'s LayerNorm, conv, BN and conv_seg weights in."""
+        self.norm.weight.copy_(head.norm.weight)
+        self.norm.bias.copy_(head.norm.bias)
+        self.norm.eps = head.norm.eps
+        for module, conv, bn in zip(head.convs, self.convs, self.bns):
+            conv.weight.copy_(module.conv.weight)
+            if conv.bias is not None:
+                conv.bias.copy_(module.conv.bias)
+            fbn = module.bn
+            bn.load_state_dict(fbn.state_dict())
+            bn.eps = fbn.eps
+        self.conv_seg.weight.copy_(head.conv_seg.weight)
+        self.conv_seg.bias.copy_(head.conv_seg.bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (1, 1+h*w, D) -> (1, H, W, C)."""
+        h, w = self.grid
+        x = torch.index_select(tokens, 1, self.patch_index)  # drop CLS (Gather -> Crop)
+        x = self.norm_quant(self.norm(x))
+        x = x.reshape(1, h, w, self.dim).permute(0, 3, 1, 2)
+        for i in range(self.num_up + 1):
+            x = self.relus[i](self.bns[i](self.convs[i](x)))
+            if i < self.num_up:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = F.interpolate(self.out_quant(self.conv_seg(x)), scale_factor=2.0, mode="nearest")
+        if self.extra != (1, 1):
+            x = F.interpolate(x, scale_factor=tuple(float(f) for f in self.extra), mode="nearest")
+        return x.permute(0, 2, 3, 1)
+
+
+class QuantTaskModel(nn.Module):
+    """Backbone pathway + task head: patches (1, T, C*p*p) -> logits (1, H, W, C)."""
+
+    def __init__(self, pathway: QuantM3ViTPathway, head: QuantPUPHead) -> None:
+        super().__init__()
+        self.pathway, self.head = pathway, head
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """patches (1, T, C*p*p) -> (1, H, W, C)."""
+        return self.head(self.pathway(patches))

@@ -1,7 +1,9 @@
 """finn_flow/build.py end to end on a tiny pathway, for every NYUD task.
 
 One tiny config (D 16, 1 MoE block, 1 head, 4 experts top-2, 8x8 input with 4x4
-patches) keeps each build to well under a minute on 2 cores.
+patches, PUP heads with 8 channels and num_up=0: conv3x3, conv1x1, nearest x2 and the
+exact final nearest x2 resize, 2x2 -> 8x8) keeps each build under a minute on 2 cores.
+The semseg build runs in ``--mode codegen`` (HLS/RTL sources; about 0.5 s more).
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ model = dict(
     backbone=dict(
         img_size=(8, 8), patch_size=4, embed_dims=16, num_layers=1, num_heads=1,
         moe_layers=[0], num_experts=4, top_k=2, expert_hidden_dims=8,
-    )
+    ),
+    decode_heads=dict(
+        semseg=dict(channels=8, num_up=0),
+        depth=dict(channels=8, num_up=0),
+        normals=dict(channels=8, num_up=0),
+        edge=dict(channels=8, num_up=0),
+    ),
 )
 fpga = dict(input_size=(8, 8), calib_images=2, target_fps=10000)
 """
@@ -56,9 +64,13 @@ def _build(builds: dict, task: str, *extra: str) -> tuple[int, Path]:
     return builds[key]
 
 
+#: extra build options per task (the semseg build also generates the HLS/RTL sources)
+TASK_ARGS = {"semseg": ("--mode", "codegen")}
+
+
 @pytest.mark.parametrize("task", NYUD_TASKS)
 def test_tiny_build_finishes_and_verifies(builds: dict, task: str) -> None:
-    rc, out = _build(builds, task)
+    rc, out = _build(builds, task, *TASK_ARGS.get(task, ()))
     summary = json.loads((out / "summary.json").read_text())
     assert rc == 0, summary.get("error")
     assert (out / "COMPLETE").is_file()
@@ -71,6 +83,32 @@ def test_tiny_build_finishes_and_verifies(builds: dict, task: str) -> None:
     assert ver["hw_layers"]["mean_error_lsb"] < 0.1
     assert (out / "input.npy").is_file() and (out / "expected_output.npy").is_file()
     assert (out / "model_qonnx.onnx").is_file()
+    # the task head is part of the design: NHWC logits at the input size
+    expected = __import__("numpy").load(out / "expected_output.npy")
+    channels = {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}[task]
+    assert expected.shape == (1, 8, 8, channels)
+    on_fpga = " ".join(summary["pathway"]["on_fpga"])
+    assert "PUP head" in on_fpga and "final nearest x2x2" in on_fpga
+    assert not any("resize of the" in h for h in summary["pathway"]["on_host"])
+    ops = {layer["op_type"] for layer in summary["resources"]["layers"]}
+    assert {"UpsampleNearestNeighbour_hls", "ConvolutionInputGenerator_rtl"} <= ops, ops
+
+
+def test_codegen_writes_sources(builds: dict) -> None:
+    """--mode codegen finishes and every layer has generated HLS C++ / Verilog sources."""
+    rc, out = _build(builds, "semseg", *TASK_ARGS["semseg"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == 0, summary.get("error")
+    assert "step_hw_codegen" in summary["steps"]
+    cg = summary["codegen"]
+    assert cg["layers"] == len(summary["resources"]["layers"])
+    per_layer = cg["sources_per_layer"]
+    assert all(per_layer.values()), [k for k, v in per_layer.items() if not v]
+    assert any(f.endswith(".cpp") for f in sum(per_layer.values(), []))
+    assert any(f.endswith((".v", ".sv")) for f in sum(per_layer.values(), []))
+    for name, files in per_layer.items():
+        assert any(Path(cg["folder"]).glob(f"code_gen_ipgen_{name}_*/{files[0]}")), name
+    assert "Generated sources" in (out / "SUMMARY.md").read_text()
 
 
 def test_summary_consistent_with_finn_reports(builds: dict) -> None:
@@ -101,6 +139,7 @@ def test_summary_consistent_with_finn_reports(builds: dict) -> None:
     assert summary["finn"]["finn_version"].startswith("1.6")
     md = (out / "SUMMARY.md").read_text()
     assert "RANDOM WEIGHTS" in md and "Vivado 2024.2" in md and "stand-in" in md
+    assert "On the FPGA" in md and "On the host" in md and "PUP head" in md
 
 
 def test_rerun_into_same_out_with_saved_folding(builds: dict, tmp_path: Path) -> None:

@@ -136,6 +136,34 @@ def test_pup_head_matches_functional_reference() -> None:
     assert head(tokens, (2, 3), out_size=(30, 40)).shape == (2, 5, 30, 40)
 
 
+def test_pup_head_nearest_mode_equals_interpolate_nearest() -> None:
+    """upsample_mode='nearest' (the FPGA form): every x2 step is F.interpolate nearest;
+    an exact integer final resize is nearest too, any other stays bilinear; trains."""
+    torch.manual_seed(0)
+    head = _head(upsample_mode="nearest").eval()
+    tokens = torch.randn(2, 1 + 2 * 3, 8)
+    out, feats = head.forward_with_features(tokens, (2, 3))
+    x = feats[-1]
+    x = F.interpolate(head.conv_seg(x), scale_factor=2, mode="nearest")
+    assert torch.equal(out, x)
+    for i in range(3):  # stage i+1 sees the nearest x2 of stage i's output
+        assert torch.equal(
+            head.convs[i + 1](F.interpolate(feats[i], scale_factor=2, mode="nearest")),
+            feats[i + 1],
+        )
+    big = head(tokens, (2, 3), out_size=(64, 96))
+    assert torch.equal(big, F.interpolate(out, scale_factor=2, mode="nearest"))
+    odd = head(tokens, (2, 3), out_size=(30, 40))
+    assert torch.allclose(
+        odd, F.interpolate(out, size=(30, 40), mode="bilinear", align_corners=False)
+    )
+    head.train()
+    head(tokens.requires_grad_(True), (2, 3)).sum().backward()
+    assert head.convs[0].conv.weight.grad is not None
+    with pytest.raises(ValueError, match="upsample_mode"):
+        _head(upsample_mode="bicubic")
+
+
 def test_head_loss_reads_gt_field_from_data_sample() -> None:
     head = _head("depth", 1)
     logits = torch.randn(2, 1, 4, 4)

@@ -1,5 +1,6 @@
 # FPGA variant of M3ViT for the FINN flow (finn_flow/build.py, issue 6): ViT-T-like
-# D 192, 3 heads, 16 experts (hidden 192) top-2, multi-gate, 64x80 input (4x5 patches).
+# D 192, 3 heads, 16 experts (hidden 192) top-2, multi-gate, 64x80 input (4x5 patches),
+# PUP heads with nearest-neighbour upsampling (32 channels, from the synthetic config).
 # Depth: 2 blocks (block 0 dense, block 1 MoE) so that `python finn_flow/build.py
 # --task normals` finishes on 2 CPU cores within 10 minutes: finn-plus's streamlining
 # time grows quickly with the node count (each block adds ~60 nodes per head); a
@@ -22,6 +23,15 @@ model = dict(
         top_k=2,
         expert_hidden_dims=192,
         pretrained=None,
+    ),
+    # The PUP heads run on the FPGA too: nearest-neighbour x2 steps (FINN's
+    # UpsampleNearestNeighbour layer; bilinear has none). 4x5 patches x 16 = 64x80, so no
+    # final resize is needed. Still trainable (PUPHead upsample_mode, default bilinear).
+    decode_heads=dict(
+        semseg=dict(upsample_mode="nearest"),
+        depth=dict(upsample_mode="nearest"),
+        normals=dict(upsample_mode="nearest"),
+        edge=dict(upsample_mode="nearest"),
     ),
 )
 

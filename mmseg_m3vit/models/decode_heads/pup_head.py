@@ -23,6 +23,8 @@ OUTPUT_KINDS = ("argmax", "sigmoid", "normalize", "identity")
 #: :func:`upsample2x`). Training (autograd) always uses ``F.interpolate``.
 UPSAMPLE_IMPL = "auto"
 UPSAMPLE_IMPLS = ("auto", "interpolate", "lerp", "triton")
+#: :class:`PUPHead`'s ``upsample_mode`` values.
+UPSAMPLE_MODES = ("bilinear", "nearest")
 
 
 def _up2_dim(x: Tensor, dim: int) -> Tensor:
@@ -179,6 +181,11 @@ class PUPHead(BaseModule):
         output_kind: how :meth:`predict_by_feat` post-processes (default from the task
             table, see :func:`default_output_kind`).
         align_corners: of every bilinear resize.
+        upsample_mode: 'bilinear' (default, the paper's head) or 'nearest': the fixed x2
+            steps of :meth:`forward` (and its final resize when that is an exact integer
+            factor) use nearest-neighbour upsampling, the form FINN can stream
+            (``UpsampleNearestNeighbour``; configs/fpga). Resizes to ground-truth or
+            original image sizes stay bilinear.
     """
 
     def __init__(
@@ -192,6 +199,7 @@ class PUPHead(BaseModule):
         norm_cfg: dict | None = None,
         output_kind: str | None = None,
         align_corners: bool = False,
+        upsample_mode: str = "bilinear",
         init_cfg: dict | None = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -202,6 +210,12 @@ class PUPHead(BaseModule):
         if self.spec.map_channels == 3 and num_classes != 3:
             raise ValueError(f"PUPHead({task}): needs num_classes=3, got {num_classes}")
         self.num_classes, self.align_corners = num_classes, align_corners
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(
+                f"PUPHead({task}): unknown upsample_mode {upsample_mode!r}; "
+                f"choose one of {list(UPSAMPLE_MODES)}"
+            )
+        self.upsample_mode = upsample_mode
         self.output_kind = output_kind or default_output_kind(task, num_classes)
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(
@@ -259,11 +273,23 @@ class PUPHead(BaseModule):
             x = conv(x)
             feats.append(x)
             if i < self.num_up:
-                x = self._up(x, scale=2)
-        x = self._up(self.conv_seg(x), scale=2)
+                x = self._up_step(x, 2)
+        x = self._up_step(self.conv_seg(x), 2)
         if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
-            x = self._up(x, size=tuple(out_size))
+            out_size = tuple(out_size)
+            fh, fw = out_size[0] // x.shape[-2], out_size[1] // x.shape[-1]
+            exact = (fh * x.shape[-2], fw * x.shape[-1]) == out_size
+            if self.upsample_mode == "nearest" and exact:
+                x = F.interpolate(x, scale_factor=(fh, fw), mode="nearest")
+            else:
+                x = self._up(x, size=out_size)
         return x, feats
+
+    def _up_step(self, x: Tensor, scale: int) -> Tensor:
+        """One fixed upsampling step of the head, in ``upsample_mode``."""
+        if self.upsample_mode == "nearest":
+            return F.interpolate(x, scale_factor=scale, mode="nearest")
+        return self._up(x, scale=scale)
 
     def _up(self, x: Tensor, scale: int | None = None, size: tuple[int, int] | None = None):
         if scale == 2 and size is None and not self.align_corners:
