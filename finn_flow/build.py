@@ -225,8 +225,12 @@ def calibration_images(cfg: Any, n: int, size: tuple[int, int], seed: int):
         root = None
     if root and (REPO / root).exists() or (root and Path(root).exists()):
         try:
+            from mmengine.registry import init_default_scope
             from mmseg.registry import DATASETS, MODELS
 
+            import mmseg_m3vit  # noqa: F401  (registers the data set and its transforms)
+
+            init_default_scope(cfg.get("default_scope", "mmseg"))  # pipeline lookups
             dcfg = dict(cfg.val_dataloader.dataset)
             if not Path(dcfg["data_root"]).exists():
                 dcfg["data_root"] = str(REPO / dcfg["data_root"])

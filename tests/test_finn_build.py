@@ -79,7 +79,7 @@ def test_tiny_build_finishes_and_verifies(builds: dict, task: str) -> None:
     ver = {v["stage"]: v for v in summary["verification"]}
     assert set(ver) == {"streamlined", "hw_layers"}
     # every op is exact except float LayerNorm/softmax/scales: at most 1 LSB, rarely
-    assert ver["hw_layers"]["max_error_lsb"] <= 1.0 + 1e-6
+    assert ver["hw_layers"]["max_error_lsb"] <= 1.0 + 1e-4  # float32 LSB ratio
     assert ver["hw_layers"]["mean_error_lsb"] < 0.1
     assert (out / "input.npy").is_file() and (out / "expected_output.npy").is_file()
     assert (out / "model_qonnx.onnx").is_file()
