@@ -13,11 +13,10 @@ other tasks are dropped and Δm is computed over the chosen tasks.
 from __future__ import annotations
 
 import argparse
-import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -29,6 +28,12 @@ from mmseg_m3vit.engine import (  # noqa: E402
     format_metric_table,
     init_cpu_distributed,
     restrict_to_tasks,
+)
+from mmseg_m3vit.engine.cli import (  # noqa: E402
+    add_runner_args,
+    dist_backend,
+    load_config,
+    parse_runner_args,
 )
 
 
@@ -43,7 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="evaluate only these tasks, each through the single-task pathway",
     )
-    parser.add_argument("--work-dir", help="directory for the evaluation logs")
     parser.add_argument(
         "--amp", action="store_true", help="run the model under bfloat16 autocast (GPU, or CPU)"
     )
@@ -51,37 +55,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--show-dir", help="save image | prediction | ground-truth PNGs per task here"
     )
-    parser.add_argument(
-        "--cfg-options",
-        nargs="+",
-        action=DictAction,
-        help="override config settings, e.g. test_dataloader.dataset.data_root=data/nyud",
-    )
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = parser.parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    return args
+    add_runner_args(parser, "test_dataloader.dataset.data_root=data/nyud")
+    return parse_runner_args(parser, argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:
     """Load the config, apply the command line and ``--task``, run the pre-flight checks."""
-    if not osp.isfile(args.config):
-        raise FileNotFoundError(f"config file {args.config!r} does not exist")
+    cfg = load_config(args)
     if not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
     check_config_tasks(cfg)
     if args.task:
         cfg = restrict_to_tasks(cfg, args.task)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get("work_dir", None) is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
     cfg.resume = False
     if args.amp:
@@ -100,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Build the runner, evaluate, print the metric table; returns the metrics."""
     args = parse_args(argv)
     cfg = build_config(args)
-    backend = cfg.get("env_cfg", {}).get("dist_cfg", {}).get("backend", "nccl")
-    init_cpu_distributed(args.launcher, "gloo" if backend == "nccl" else backend)
+    init_cpu_distributed(args.launcher, dist_backend(cfg))
     runner = Runner.from_cfg(cfg)
     if args.out is not None:
         from mmengine.evaluator import DumpResults

@@ -11,11 +11,10 @@ Multi-GPU (or multi-process CPU): ``bash tools/dist_train.sh CONFIG NPROC``.
 from __future__ import annotations
 
 import argparse
-import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -27,13 +26,18 @@ from mmseg_m3vit.engine import (  # noqa: E402
     check_pretrained,
     init_cpu_distributed,
 )
+from mmseg_m3vit.engine.cli import (  # noqa: E402
+    add_runner_args,
+    dist_backend,
+    load_config,
+    parse_runner_args,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the training tool (mmseg's flags)."""
     parser = argparse.ArgumentParser(description="Train an M3ViT multi-task segmentor")
     parser.add_argument("config", help="train config file path")
-    parser.add_argument("--work-dir", help="directory for logs and checkpoints")
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -44,32 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--amp", action="store_true", default=False, help="bfloat16 automatic mixed precision (GPU)"
     )
-    parser.add_argument(
-        "--cfg-options",
-        nargs="+",
-        action=DictAction,
-        help="override config settings, e.g. train_cfg.max_iters=100",
-    )
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = parser.parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    return args
+    add_runner_args(parser, "train_cfg.max_iters=100")
+    return parse_runner_args(parser, argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:
     """Load the config, apply the command line, and run the pre-flight checks."""
-    if not osp.isfile(args.config):
-        raise FileNotFoundError(f"config file {args.config!r} does not exist")
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get("work_dir", None) is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args)
     if args.amp:
         wrapper = cfg.optim_wrapper.get("type", "OptimWrapper")
         if wrapper not in ("OptimWrapper", "AmpOptimWrapper"):
@@ -98,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     """Build the runner from the config and train."""
     args = parse_args(argv)
     cfg = build_config(args)
-    backend = cfg.get("env_cfg", {}).get("dist_cfg", {}).get("backend", "nccl")
-    init_cpu_distributed(args.launcher, "gloo" if backend == "nccl" else backend)
+    init_cpu_distributed(args.launcher, dist_backend(cfg))
     runner = Runner.from_cfg(cfg)
     runner.train()
 
