@@ -130,6 +130,35 @@ def _with_ones_column(a: Tensor, k_aug: int) -> Tensor:
     return torch.cat([a, a.new_ones(r, 1), a.new_zeros(r, k_aug - k - 1)], dim=1)
 
 
+def grouped_rows_ffn(
+    rows: Tensor,
+    offs: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Expert FFN on rows already grouped by expert: two grouped GEMMs, biases folded in.
+
+    Args:
+        rows: (R, D) rows, expert 0's first; their trailing columns need not be aligned.
+        offs: (E,) int32 cumulative group ends (``offs[-1] == R``).
+        w1 (E, D, Hd), b1 (E, Hd), w2 (E, Hd, D), b2 (E, D): expert weights.
+        compute_dtype: operand dtype of ``torch._grouped_mm`` (bf16 on CUDA).
+
+    Returns:
+        (R, D) in ``compute_dtype``: row r through the FFN of the expert whose group holds r.
+    """
+    d, hd = w1.shape[1], w1.shape[2]
+    align = _ROW_ALIGN_BYTES // torch.empty((), dtype=compute_dtype).element_size()
+    d_aug, hd_aug = _round_up(d + 1, align), _round_up(hd + 1, align)
+    xs = _with_ones_column(rows.to(compute_dtype), d_aug)  # (R, D_aug)
+    hidden = F.gelu(torch._grouped_mm(xs, _with_bias_row(w1, b1, d_aug, compute_dtype), offs=offs))
+    w2_aug = _with_bias_row(w2, b2, hd_aug, compute_dtype)  # (E, Hd_aug, D)
+    return torch._grouped_mm(_with_ones_column(hidden, hd_aug), w2_aug, offs=offs)
+
+
 def grouped_expert_ffn(
     x: Tensor,
     expert_ids: Tensor,
@@ -152,7 +181,8 @@ def grouped_expert_ffn(
     order, inv_order, offs = sort_by_expert(expert_ids, num_experts)
     token_of = order // k
     # Biases ride along as an extra input row of each weight against a constant-1 input
-    # column; rows are padded to 16 bytes, as the grouped GEMM requires.
+    # column; rows are padded to 16 bytes, as the grouped GEMM requires. The column is
+    # added to the M tokens before the gather (cheaper than to the M*k rows).
     align = _ROW_ALIGN_BYTES // torch.empty((), dtype=compute_dtype).element_size()
     d_aug, hd_aug = _round_up(d + 1, align), _round_up(hd + 1, align)
     x_aug = _with_ones_column(x.to(compute_dtype), d_aug)  # (M, D_aug)

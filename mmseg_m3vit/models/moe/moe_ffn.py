@@ -70,6 +70,8 @@ class MoEFFN(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dims, dim))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
         self.reset_expert_parameters()
+        # set by expert_parallel.shard_experts: w1..b2 then hold this rank's experts only
+        self.ep_group = None
 
     def reset_expert_parameters(self) -> None:
         """Expert matrices uniform in +-1/sqrt(fan_in) (like ``nn.Linear``); zero biases."""
@@ -94,8 +96,21 @@ class MoEFFN(nn.Module):
         b, n, d = x.shape
         logits = self.router(x, task_ids)
         gate = vmoe_top_k(logits.reshape(b * n, -1), self.top_k, self.noise_std, self.training)
-        fn = get_dispatch(self.dispatch, x.device)
-        y = fn(x.reshape(b * n, d), gate.expert_ids, gate.gates, self.w1, self.b1, self.w2, self.b2)
+        experts = (self.w1, self.b1, self.w2, self.b2)
+        if self.ep_group is not None:
+            from .expert_parallel import expert_parallel_ffn
+
+            y = expert_parallel_ffn(
+                x.reshape(b * n, d),
+                gate.expert_ids,
+                gate.gates,
+                *experts,
+                num_experts=self.num_experts,
+                group=self.ep_group,
+            )
+        else:
+            fn = get_dispatch(self.dispatch, x.device)
+            y = fn(x.reshape(b * n, d), gate.expert_ids, gate.gates, *experts)
         if self.training:
             if task_ids is None:
                 loss = balance_loss(gate)
