@@ -37,8 +37,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: str, data_root: str, batch_size: int) -> str:
+def write_config(path: str, data_root: str, batch_size: int, norm: str = "GN") -> str:
+    """Tiny 2-task config; ``norm`` 'GN' (CPU-comparable) or 'SyncBN' (needs GPUs)."""
     base = osp.join(ROOT, "configs", "m3vit_synthetic.py")
+    norm_cfg = (
+        "dict(type='GN', num_groups=4, requires_grad=True)"
+        if norm == "GN"
+        else f"dict(type={norm!r}, requires_grad=True)"
+    )
     text = f"""
     _base_ = [{base!r}]
     tasks = ['semseg', 'edge']
@@ -47,7 +53,7 @@ def write_config(path: str, data_root: str, batch_size: int) -> str:
         dict(type='LoadMultiTaskAnnotations'),
         dict(type='PackMultiTaskInputs'),
     ]
-    gn = dict(type='GN', num_groups=4, requires_grad=True)
+    gn = {norm_cfg}
     model = dict(
         backbone=dict(img_size=(32, 48), embed_dims=32, num_heads=2, num_experts=4,
                       top_k=2, expert_hidden_dims=16),
@@ -82,23 +88,27 @@ def write_config(path: str, data_root: str, batch_size: int) -> str:
     return path
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path) -> None:
+def train_single_and_dist(tmp_path, norm: str, env_extra: dict[str, str]) -> tuple[dict, dict, str]:
+    """Train the tiny config once with batch 4 and once on 2 processes with batch 2 each.
+
+    Returns the two final state dicts and the config path of the single run.
+    """
     from mmseg_m3vit.datasets.synthetic_nyud import generate
 
     if shutil.which("bash") is None:
         pytest.skip("bash is needed for tools/dist_train.sh")
     data_root = str(tmp_path / "syn")
     generate(data_root, 12, 2, size=(32, 48), workers=1, progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env_extra}
 
-    single_cfg = write_config(str(tmp_path / "single.py"), data_root, batch_size=4)
+    single_cfg = write_config(str(tmp_path / "single.py"), data_root, 4, norm)
     single = subprocess.run(
         [sys.executable, "tools/train.py", single_cfg, "--work-dir", str(tmp_path / "single")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
 
-    dist_cfg = write_config(str(tmp_path / "dist.py"), data_root, batch_size=2)
+    dist_cfg = write_config(str(tmp_path / "dist.py"), data_root, 2, norm)
     dist = subprocess.run(
         ["bash", "tools/dist_train.sh", dist_cfg, "2", "--work-dir", str(tmp_path / "dist")],
         cwd=ROOT, env={**env, "PORT": str(free_port())}, capture_output=True, text=True,
@@ -114,7 +124,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path) -> None:
                           weights_only=False)  # fmt: skip
         return ckpt["state_dict"]
 
-    one, two = state(str(tmp_path / "single")), state(str(tmp_path / "dist"))
+    return state(str(tmp_path / "single")), state(str(tmp_path / "dist")), single_cfg
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path) -> None:
+    one, two, single_cfg = train_single_and_dist(tmp_path, "GN", {"CUDA_VISIBLE_DEVICES": ""})
     assert one.keys() == two.keys()
     assert not any(k.startswith("module.") for k in two)  # a plain single-file checkpoint
     for key in one:
@@ -135,3 +149,22 @@ def test_two_gloo_processes_equal_one_process(tmp_path) -> None:
     assert len(moved) > len(one) // 2
     # the distributed checkpoint loads into a plain (CPU, single-process) model
     model.load_state_dict(two, strict=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_with_syncbn_equal_one_gpu(tmp_path) -> None:
+    """NCCL + SyncBN heads: 2 GPUs x 2 images end like 1 GPU x 4 images (BN statistics
+    over the global batch, running stats included). TF32 off so fp32 is comparable."""
+    one, two, _ = train_single_and_dist(tmp_path, "SyncBN", {"NVIDIA_TF32_OVERRIDE": "0"})
+    assert one.keys() == two.keys()
+    bn = [k for k in one if k.endswith(("running_mean", "running_var"))]
+    assert bn, "the heads should hold (Sync)BN running statistics"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    # control: per-GPU BN (statistics over 2 images) must NOT match, else the
+    # comparison above could not tell SyncBN from BN
+    (tmp_path / "bn").mkdir()
+    one_bn, two_bn, _ = train_single_and_dist(tmp_path / "bn", "BN", {"NVIDIA_TF32_OVERRIDE": "0"})
+    worst = max((two_bn[k] - one_bn[k]).abs().max().item() for k in bn)
+    assert worst > 1e-3, f"plain BN on 2 GPUs matched the 1-GPU run (max diff {worst})"
