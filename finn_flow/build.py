@@ -540,6 +540,26 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
             )
         if summary.get("verification_note"):
             lines += ["", summary["verification_note"]]
+    fvq = summary.get("float_vs_quant")
+    if fvq:
+        lines += ["", "## Float vs quantized (Brevitas) model", ""]
+        lines.append(
+            f"- relative L2 error: tokens {fvq['relative_l2_error_of_tokens']:.4g}, head "
+            f"output {fvq['relative_l2_error_of_head_output']:.4g} ({fvq['images']})"
+        )
+        val = fvq.get("val_metric")
+        if isinstance(val, dict):
+            better = "lower" if val["lower_is_better"] else "higher"
+            lines.append(
+                f"- val metric `{val['primary']}` ({val['metric']}, {better} is better; "
+                f"{val['images']} images of {val['data']}, input {val['input_size']}): "
+                f"float **{val['float_primary']:.4g}**, quantized **{val['quant_primary']:.4g}** "
+                f"(delta {val['delta']:+.4g})"
+            )
+            if summary.get("random_weights"):
+                lines.append("- (random weights: the metric describes an untrained model)")
+        elif val:
+            lines.append(f"- val metric: {val}")
     res = summary.get("resources")
     if res:
         cap = summary["board_capacity"]
@@ -718,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear flow
             "head": "conv weights per-tensor signed; BatchNorm + ReLU folded into "
             "unsigned thresholds; nearest x2 upsampling (exact on integers)",
         }
-        # float vs quantized agreement (metric on val data is not computed in part 1)
+        # float vs quantized agreement: relative L2 errors on the calibration images and
+        # the task metric on the val split (finn_flow/evaluate.py)
         out_hw = tuple(native[i] * extra[i] for i in range(2))
         with torch.no_grad():
             errs, head_errs = [], []
@@ -729,13 +750,37 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear flow
                 f_out = fhead(f_tok, grid, out_hw).permute(0, 2, 3, 1)
                 q_out = qhead(q_tok)
                 head_errs.append(float((f_out - q_out).norm() / f_out.norm().clamp_min(1e-12)))
+        from finn_flow.evaluate import ValDataError, evaluate_val_metric
+
+        def float_logits(img):  # (1, 3, H, W) -> (1, C, H', W') NCHW
+            return fhead(backbone(img, args.task).tokens, grid, out_hw)
+
+        def quant_logits(img):  # patches -> (1, H', W', C) NHWC -> NCHW
+            return qmodel(qm.patchify(img, p)).permute(0, 3, 1, 2)
+
+        print("[build] task metric of the float and quantized models on the val split ...")
+        try:  # a report, not a build stage: a build without the val data still finishes
+            val = evaluate_val_metric(
+                cfg, args.task, float_logits, quant_logits, size, fpga.get("val_images"), fhead
+            )
+        except ValDataError as err:
+            val = f"not computed: {err}"
+        except Exception as err:  # noqa: BLE001 - reported in the summary, build goes on
+            traceback.print_exc()
+            val = f"not computed: {type(err).__name__}: {err}"
+        if isinstance(val, str):
+            print(f"[build] val metric {val}")
+        else:
+            print(
+                f"[build] val {val['primary']}: float {val['float_primary']:.4g}, quantized "
+                f"{val['quant_primary']:.4g} ({val['images']} images, {val['seconds']} s)"
+            )
         summary["float_vs_quant"] = {
             "relative_l2_error_of_tokens": sum(errs) / len(errs),
             "relative_l2_error_of_head_output": sum(head_errs) / len(head_errs),
             "float_head_upsample_mode": head_mode,
             "images": cal_note,
-            "val_metric": "skipped: part 1 reports token / head-output agreement only "
-            "(the task metric needs trained weights and the val data)",
+            "val_metric": val,
         }
         x = qm.patchify(images[0], p)
         with torch.no_grad():
