@@ -95,6 +95,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=None, help="weight and activation bits")
     p.add_argument("--calib-images", type=int, default=None, help="calibration images")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights / inputs")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="worker processes for the piece-wise streamlining / HW conversion of deep "
+        "pathways (0: whole graph in this process; default: CPUs, at most 8)",
+    )
+    p.add_argument(
+        "--piece-nodes",
+        type=int,
+        default=20,
+        help="smallest piece (graph nodes) when the graph is cut at its residual stream "
+        "(finn_flow/pieces.py); the default cuts at every attention / FFN boundary "
+        "(streamlining time grows faster than linearly with the piece size)",
+    )
     return p.parse_args(argv)
 
 
@@ -136,6 +151,10 @@ def check_inputs(args: argparse.Namespace, cfg: Any) -> Path:
         fail(f"folding JSON {args.folding!r} does not exist")
     if args.bits is not None and not 2 <= args.bits <= 16:
         fail(f"--bits must be in [2, 16], got {args.bits}")
+    if args.jobs < 0:
+        fail(f"--jobs must be >= 0 (0: no worker processes), got {args.jobs}")
+    if args.piece_nodes < 1:
+        fail(f"--piece-nodes must be >= 1, got {args.piece_nodes}")
     out = Path(args.out or REPO / "work_dirs" / "finn" / args.task).expanduser().resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -275,6 +294,7 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
     from finn.transformation.fpgadataflow.convert_to_hw.upsample import InferUpsample
     from finn.transformation.streamline.absorb import (
         AbsorbConsecutiveTransposes,
+        AbsorbScalarBiasIntoMultiThreshold,
         AbsorbTransposeIntoMultiThreshold,
     )
     from finn.transformation.streamline.extract_multithreshold_scale_bias import (
@@ -282,6 +302,7 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
     )
     from finn.transformation.streamline.extract_norm_scale_bias import ExtractNormScaleBias
     from finn.transformation.streamline.reorder import MakeScaleResizeNHWC
+    from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.transformation.general import GiveUniqueNodeNames
     from qonnx.transformation.infer_data_layouts import InferDataLayouts
 
@@ -311,7 +332,7 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         print(f"[verify] {tag}: max {res['max_error_lsb']:.3g} LSB, exact={res['bit_exact']}")
         return res
 
-    def step_m3vit_streamline(model, cfg):
+    def streamline_graph(model, cfg):
         """GELU to PWPolyF (before streamlining breaks its pattern), split scale/bias out of
         thresholds and norms, streamline, un-merge forked scales, streamline again."""
         model = model.transform(InferPWPolyFLayer())
@@ -332,7 +353,7 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         model = model.transform(InferDataLayouts())
         return model.transform(GeluToThresholds())
 
-    def step_m3vit_convert_to_hw(model, cfg):
+    def convert_graph(model, cfg):
         """Attention pattern first (before its parts are converted one by one), then the
         integer GELU-table arithmetic (so MatMuls after it see exact integer types)."""
         model = model.transform(InferScaledDotProductAttention())
@@ -340,6 +361,53 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         model = model.transform(InferUpsample())  # head: Resize(nearest) -> HW upsampler
         model = model.transform(GiveUniqueNodeNames())
         return fs.step_convert_to_hw(model, cfg)
+
+    def by_pieces(model, cfg, name, fn, cut_ops=("MultiThreshold",)):
+        """Run ``fn`` on the whole graph (inside a piece worker, or with --jobs 0), or
+        split the graph at its residual-stream cuts, run it on the pieces in worker
+        processes and stitch them (finn_flow/pieces.py says why)."""
+        if state.get("in_piece") or not state.get("jobs"):
+            return fn(model, cfg)
+        from finn_flow import pieces
+
+        parts, bounds = pieces.split(model, state.get("piece_nodes", 20), cut_ops)
+        names = (model.graph.input[0].name, model.graph.output[0].name)
+        print(f"[pieces] {name}: {len(parts)} piece(s), {state['jobs']} worker(s)", flush=True)
+        if len(parts) == 1:
+            state.setdefault("pieces", {})[name] = {"pieces": 1}
+            return fn(model, cfg)
+        work = out / "finn" / "pieces" / name
+        results = pieces.run_on_pieces(
+            parts, [name], work, out, Path(state["cfg_json"]), {"mode": state["mode"],
+            "output_lsb": state["output_lsb"], "in_piece": True}, state["jobs"],
+        )  # fmt: skip
+        done = [ModelWrapper(r["saved"][name]) for r in results]
+        state.setdefault("pieces", {})[name] = {
+            "pieces": len(parts),
+            "piece_seconds": [round(sum(r["seconds"].values()), 1) for r in results],
+        }
+        return pieces.stitch(done, bounds, names)
+
+    def qonnx_to_finn_graph(model, cfg):
+        """FINN's own QONNX-to-FINN conversion and tidy-up steps, then the signed
+        quantizers' offset ``Add`` absorbed into their thresholds (FINN's streamlining
+        starts with the same transform; done here so that a residual quantizer's output
+        is a proper signed integer stream where the graph is cut into pieces)."""
+        model = fs.step_tidy_up(fs.step_qonnx_to_finn(model, cfg), cfg)
+        return model.transform(AbsorbScalarBiasIntoMultiThreshold())
+
+    def step_m3vit_qonnx_to_finn(model, cfg):
+        """FINN's ``step_qonnx_to_finn`` + ``step_tidy_up``, piece by piece on deep
+        pathways (cut at the residual stream's activation quantizers)."""
+        return by_pieces(model, cfg, "step_m3vit_qonnx_to_finn", qonnx_to_finn_graph, ("Quant",))
+
+    def step_m3vit_streamline(model, cfg):
+        """Streamlining (see ``streamline_graph``), piece by piece on deep pathways."""
+        return by_pieces(model, cfg, "step_m3vit_streamline", streamline_graph)
+
+    def step_m3vit_convert_to_hw(model, cfg):
+        """Conversion to HW layers (see ``convert_graph``), piece by piece on deep pathways."""
+        return by_pieces(model, cfg, "step_m3vit_convert_to_hw", convert_graph)
 
     def step_m3vit_check_hw(model, cfg):
         """Assert that every node is a HW layer; name the offenders."""
@@ -362,6 +430,14 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         """Python execution after streamlining (standard ops + thresholds)."""
         verify(model, "streamlined")
         return model
+
+    def step_m3vit_minimize_bit_width(model, cfg):
+        """FINN's ``step_minimize_bit_width``, piece by piece on deep pathways (cut at the
+        thresholding layers of the residual stream)."""
+        cut = ("Thresholding_rtl", "Thresholding_hls")
+        return by_pieces(
+            model, cfg, "step_m3vit_minimize_bit_width", fs.step_minimize_bit_width, cut
+        )
 
     def step_m3vit_save_folding(model, cfg):
         """Write the folding in effect as ``<out>/folding.json`` (ApplyConfig format)."""
@@ -407,8 +483,7 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         return model
 
     steps: list[Callable] = [
-        fs.step_qonnx_to_finn,
-        fs.step_tidy_up,
+        step_m3vit_qonnx_to_finn,
         step_m3vit_streamline,
         step_m3vit_verify_streamlined,
         step_m3vit_convert_to_hw,
@@ -418,7 +493,7 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
         fs.step_specialize_layers,
         step_set_folding,
         step_m3vit_save_folding,
-        fs.step_minimize_bit_width,
+        step_m3vit_minimize_bit_width,
         step_m3vit_codegen_types,
         fs.step_generate_estimate_reports,
     ]
@@ -584,8 +659,15 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
         for k, v in perf.items():
             lines.append(f"- {k}: {v}")
     lines += ["", "## Steps run", ""]
+    split = (summary.get("pieces") or {}).get("steps") or {}
     for k, v in (summary.get("step_seconds") or {}).items():
-        lines.append(f"- {k}: {v} s")
+        where = ""
+        if k in split and split[k]["pieces"] > 1:
+            where = (
+                f" ({split[k]['pieces']} pieces cut at the residual stream, "
+                f"{summary['pieces']['jobs']} workers, finn_flow/pieces.py)"
+            )
+        lines.append(f"- {k}: {v} s{where}")
     lines += ["", "## Steps not run (need Vivado 2024.2 tools)", ""]
     for k, v in STEPS_NOT_RUN.items():
         lines.append(f"- {k}: {v}")
@@ -858,12 +940,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear flow
         )
         (out / "finn").mkdir(parents=True, exist_ok=True)
         write_atomic(out / "finn" / "dataflow_build_config.json", dcfg.to_json())
+        state["cfg_json"] = str(out / "finn" / "dataflow_build_config.json")
+        state["jobs"] = args.jobs
+        state["piece_nodes"] = args.piece_nodes
         steps = make_steps(out, state)
         summary["steps"] = [s.__name__ for s in steps]
         summary["folding"] = {"target_fps": target_fps, "folding_json": folding}
         times = run_steps(onnx_path, dcfg, steps, out)
         summary["step_seconds"] = times
         summary["verification"] = state.get("verification", [])
+        summary["pieces"] = {
+            "jobs": args.jobs,
+            "min_nodes": args.piece_nodes,
+            "steps": state.get("pieces", {}),
+        }
         report_dir = out / "finn" / "report"
         final = out / "finn" / "intermediate_models" / f"{steps[-1].__name__}.onnx"
         res = collect_resources(final, report_dir, board["part"])
