@@ -5,7 +5,7 @@ Usage::
 
     python finn_flow/build.py --task normals [--config CFG] [--checkpoint CKPT]
         [--board ZCU104] [--out DIR] [--mode estimate|codegen] [--target-fps F]
-        [--folding JSON] [--bits B]
+        [--folding JSON] [--bits B] [--jobs N] [--piece-nodes K]
 
 Flow (every stage's model is saved under ``<out>/finn/intermediate_models``):
 
@@ -13,12 +13,17 @@ Flow (every stage's model is saved under ``<out>/finn/intermediate_models``):
    (random weights otherwise, said loudly in the summary);
 2. Brevitas mirror of the task's pathway (:mod:`finn_flow.quant_model`), calibrated on
    the configured data set when its files exist, else on synthetic images (said which);
+   the task metric of the float and the quantized model on the val split
+   (:mod:`finn_flow.evaluate`);
 3. QONNX export + ``input.npy`` / ``expected_output.npy`` from the Brevitas model;
 4. FINN steps (explicit list, see :data:`STEPS`): QONNX->FINN, tidy-up, streamlining,
    HW-layer conversion, a check that no non-HW node is left (naming offenders),
    verification of the HW-layer graph against the Brevitas output, dataflow partition,
    SpecializeLayers for the board's part, folding (target FPS or a folding JSON),
    minimize bit width, estimate reports, and in ``--mode codegen`` HLS/RTL code;
+   QONNX->FINN + tidy-up, streamlining, HW conversion and bit-width minimisation run on
+   pieces of the graph cut at its residual stream, in ``--jobs`` worker processes, and
+   are stitched back (:mod:`finn_flow.pieces`; ``--jobs 0`` runs the whole graph);
    ``--mode codegen`` writes every layer's HLS C++ / Verilog under ``<out>/finn_build``
    ({0,1} weight matrices are typed INT2, not BINARY, which the MVAU generators reject);
    the task head runs on the FPGA too (nearest-neighbour upsampling, see
