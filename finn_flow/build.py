@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--piece-nodes",
         type=int,
-        default=20,
+        default=10,
         help="smallest piece (graph nodes) when the graph is cut at its residual stream "
         "(finn_flow/pieces.py); the default cuts at every attention / FFN boundary "
         "(streamlining time grows faster than linearly with the piece size)",
@@ -375,7 +375,7 @@ def make_steps(out: Path, state: dict[str, Any]) -> list[Callable]:
             return fn(model, cfg)
         from finn_flow import pieces
 
-        parts, bounds = pieces.split(model, state.get("piece_nodes", 20), cut_ops)
+        parts, bounds = pieces.split(model, state.get("piece_nodes", 10), cut_ops)
         names = (model.graph.input[0].name, model.graph.output[0].name)
         print(f"[pieces] {name}: {len(parts)} piece(s), {state['jobs']} worker(s)", flush=True)
         if len(parts) == 1:
