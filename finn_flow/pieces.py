@@ -184,7 +184,9 @@ def split(
     return pieces, bounds
 
 
-def stitch(pieces: Sequence[ModelWrapper], bounds: Sequence[str], names: tuple[str, str]):
+def stitch(
+    pieces: Sequence[ModelWrapper], bounds: Sequence[str], names: tuple[str, str]
+) -> ModelWrapper:
     """Join processed pieces back into one model (inverse of :func:`split`).
 
     Piece k's graph input is renamed to ``bounds[k-1]`` and its output to ``bounds[k]``

@@ -44,7 +44,9 @@ from .grouped import (
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 
 
-def _rows_ffn(rows: Tensor, counts: list[int], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor):
+def _rows_ffn(
+    rows: Tensor, counts: list[int], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensor:
     """Expert FFN on rows already grouped by local expert (``counts`` rows each)."""
     if grouped_mm_usable(rows, w1):
         offs = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
