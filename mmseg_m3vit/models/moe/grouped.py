@@ -118,6 +118,12 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
+def _augmented_dims(d: int, hd: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(D_aug, Hd_aug): D + 1 and Hd + 1 (the bias column) rounded up to 16-byte rows."""
+    align = _ROW_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
+    return _round_up(d + 1, align), _round_up(hd + 1, align)
+
+
 def _with_bias_row(w: Tensor, b: Tensor, k_aug: int, dtype: torch.dtype) -> Tensor:
     """(E, K, N) weights + (E, N) bias -> (E, K_aug, N) = [w; b; 0], cast to ``dtype``."""
     e, k, n = w.shape
@@ -151,8 +157,7 @@ def grouped_rows_ffn(
         (R, D) in ``compute_dtype``: row r through the FFN of the expert whose group holds r.
     """
     d, hd = w1.shape[1], w1.shape[2]
-    align = _ROW_ALIGN_BYTES // torch.empty((), dtype=compute_dtype).element_size()
-    d_aug, hd_aug = _round_up(d + 1, align), _round_up(hd + 1, align)
+    d_aug, hd_aug = _augmented_dims(d, hd, compute_dtype)
     xs = _with_ones_column(rows.to(compute_dtype), d_aug)  # (R, D_aug)
     hidden = F.gelu(torch._grouped_mm(xs, _with_bias_row(w1, b1, d_aug, compute_dtype), offs=offs))
     w2_aug = _with_bias_row(w2, b2, hd_aug, compute_dtype)  # (E, Hd_aug, D)
@@ -183,8 +188,7 @@ def grouped_expert_ffn(
     # Biases ride along as an extra input row of each weight against a constant-1 input
     # column; rows are padded to 16 bytes, as the grouped GEMM requires. The column is
     # added to the M tokens before the gather (cheaper than to the M*k rows).
-    align = _ROW_ALIGN_BYTES // torch.empty((), dtype=compute_dtype).element_size()
-    d_aug, hd_aug = _round_up(d + 1, align), _round_up(hd + 1, align)
+    d_aug, hd_aug = _augmented_dims(d, hd, compute_dtype)
     x_aug = _with_ones_column(x.to(compute_dtype), d_aug)  # (M, D_aug)
     xs = _GatherTokens.apply(x_aug, token_of, inv_order, k)  # (M*k, D_aug), expert-sorted
     w1_aug = _with_bias_row(w1, b1, d_aug, compute_dtype)  # (E, D_aug, Hd)
