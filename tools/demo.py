@@ -38,14 +38,14 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mmseg_m3vit  # noqa: E402, F401
-from mmseg_m3vit.engine import check_config_tasks, check_data_roots, config_tasks  # noqa: E402
-from mmseg_m3vit.engine.routing import (  # noqa: E402
+from mmseg_m3vit.evaluation.metrics import delta_m  # noqa: E402
+from mmseg_m3vit.tasks import TASK_SPECS  # noqa: E402
+from mmseg_m3vit.utils import check_config_tasks, check_data_roots, config_tasks  # noqa: E402
+from mmseg_m3vit.utils.routing import (  # noqa: E402
     collect_routing,
     plot_routing,
     routing_summary,
 )
-from mmseg_m3vit.evaluation.metrics import delta_m  # noqa: E402
-from mmseg_m3vit.tasks import TASK_SPECS  # noqa: E402
 
 DEFAULT_CONFIG = osp.join(ROOT, "configs", "m3vit_synthetic.py")
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")

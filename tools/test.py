@@ -22,14 +22,14 @@ from mmengine.runner import Runner
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmseg_m3vit  # noqa: E402, F401  (registers the plugin before the config is read)
-from mmseg_m3vit.engine import (  # noqa: E402
+from mmseg_m3vit.engine import init_cpu_distributed  # noqa: E402
+from mmseg_m3vit.utils import (  # noqa: E402
     check_config_tasks,
     check_data_roots,
     format_metric_table,
-    init_cpu_distributed,
     restrict_to_tasks,
 )
-from mmseg_m3vit.engine.cli import (  # noqa: E402
+from mmseg_m3vit.utils.cli import (  # noqa: E402
     add_runner_args,
     dist_backend,
     load_config,

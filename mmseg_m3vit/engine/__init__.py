@@ -1,21 +1,8 @@
-"""Training / evaluation machinery: hooks, CPU-capable DDP, pre-flight config checks."""
+"""Registered runtime parts: hooks, the bf16 test loop, the CPU-capable DDP wrapper."""
 
 from .distributed import CPUAwareDistributedDataParallel, init_cpu_distributed
-from .hooks import NonFiniteLossError, NonFiniteLossHook
+from .hooks import MultiTaskVisualizationHook, NonFiniteLossError, NonFiniteLossHook
 from .loops import AmpTestLoop
-from .preflight import (
-    check_config_tasks,
-    check_data_roots,
-    check_pretrained,
-    config_tasks,
-    restrict_to_tasks,
-)
-from .visualization import (
-    MultiTaskVisualizationHook,
-    colorize,
-    format_metric_table,
-    prediction_panel,
-)
 
 __all__ = [
     "AmpTestLoop",
@@ -23,13 +10,5 @@ __all__ = [
     "MultiTaskVisualizationHook",
     "NonFiniteLossError",
     "NonFiniteLossHook",
-    "check_config_tasks",
-    "check_data_roots",
-    "check_pretrained",
-    "colorize",
-    "config_tasks",
-    "format_metric_table",
     "init_cpu_distributed",
-    "prediction_panel",
-    "restrict_to_tasks",
 ]

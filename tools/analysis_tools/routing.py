@@ -22,13 +22,13 @@ from mmengine.runner import Runner, load_checkpoint
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import mmseg_m3vit  # noqa: E402, F401
-from mmseg_m3vit.engine import check_config_tasks, check_data_roots, config_tasks  # noqa: E402
-from mmseg_m3vit.engine.routing import (  # noqa: E402
+from mmseg_m3vit.tasks import check_tasks  # noqa: E402
+from mmseg_m3vit.utils import check_config_tasks, check_data_roots, config_tasks  # noqa: E402
+from mmseg_m3vit.utils.routing import (  # noqa: E402
     collect_routing,
     plot_routing,
     routing_summary,
 )
-from mmseg_m3vit.tasks import check_tasks  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

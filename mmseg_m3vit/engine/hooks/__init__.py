@@ -1,5 +1,6 @@
-"""Training hooks (registered in ``mmseg.registry.HOOKS``)."""
+"""Runner hooks (registered in ``mmseg.registry.HOOKS``)."""
 
 from .non_finite_loss_hook import NonFiniteLossError, NonFiniteLossHook
+from .visualization_hook import MultiTaskVisualizationHook
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossHook"]
+__all__ = ["MultiTaskVisualizationHook", "NonFiniteLossError", "NonFiniteLossHook"]

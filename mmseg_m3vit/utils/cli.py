@@ -1,11 +1,15 @@
-"""Command-line pieces shared by ``tools/train.py`` and ``tools/test.py``."""
+"""Command-line pieces shared by the tools: mmseg's runner flags, config loading, the
+metric table."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import os.path as osp
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 from mmengine.config import Config, DictAction
 
 
@@ -58,3 +62,18 @@ def dist_backend(cfg: Config) -> str:
     """The process-group backend for CPU runs: the config's, with NCCL replaced by gloo."""
     backend = cfg.get("env_cfg", {}).get("dist_cfg", {}).get("backend", "nccl")
     return "gloo" if backend == "nccl" else backend
+
+
+def format_metric_table(metrics: Mapping[str, Any], digits: int = 4) -> str:
+    """Metrics dict ``{'semseg/mIoU': 41.2, ...}`` -> a plain two-column text table."""
+    if not metrics:
+        return "(no metrics)"
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  {'-' * 10}"]
+    for key, value in metrics.items():
+        if isinstance(value, float | int | np.floating):
+            text = f"{float(value):.{digits}f}"
+        else:
+            text = str(value)
+        lines.append(f"{key.ljust(width)}  {text}")
+    return "\n".join(lines)
