@@ -6,7 +6,9 @@ Importing the package (directly or through a config's ``custom_imports``):
 1. checks the OpenMMLab versions (:mod:`mmseg_m3vit.version`);
 2. installs the pure-Python ``mmcv.ops`` fallback when mmcv's compiled ops are absent
    and the ``weights_only=False`` loader for local checkpoints (:mod:`mmseg_m3vit.compat`);
-3. registers every model, data set, transform, metric and hook in mmseg's registries.
+3. registers every model, data set, transform, metric and hook in mmseg's registries;
+4. silences the known third-party deprecation warnings a run would otherwise print
+   (:mod:`mmseg_m3vit.compat.known_warnings`).
 """
 
 from .version import __version__, check_versions
@@ -19,5 +21,8 @@ install_mmcv_ops_fallback()
 install_checkpoint_loader()
 
 from . import datasets, engine, evaluation, models  # noqa: E402, F401
+from .compat.known_warnings import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()
 
 __all__ = ["__version__"]

@@ -1,14 +1,23 @@
-"""Registered runtime parts: hooks, the bf16 test loop, the CPU-capable DDP wrapper."""
+"""Registered runtime parts: the runner, hooks, the bf16 test loop, the CPU-capable DDP
+wrapper."""
 
 from .distributed import CPUAwareDistributedDataParallel, init_cpu_distributed
-from .hooks import MultiTaskVisualizationHook, NonFiniteLossError, NonFiniteLossHook
+from .hooks import (
+    MultiTaskVisualizationHook,
+    NonFiniteLossError,
+    NonFiniteLossHook,
+    ProgressBarHook,
+)
 from .loops import AmpTestLoop
+from .runner import M3ViTRunner
 
 __all__ = [
     "AmpTestLoop",
     "CPUAwareDistributedDataParallel",
+    "M3ViTRunner",
     "MultiTaskVisualizationHook",
     "NonFiniteLossError",
     "NonFiniteLossHook",
+    "ProgressBarHook",
     "init_cpu_distributed",
 ]
