@@ -2,7 +2,15 @@
 checks, routing statistics, colour maps and prediction panels. Nothing here is
 registered; the runtime parts (hooks, loops, the DDP wrapper) live in ``engine``."""
 
-from .cli import add_runner_args, dist_backend, format_metric_table, load_config, parse_runner_args
+from .cli import (
+    HelpFormatter,
+    add_runner_args,
+    build_runner,
+    dist_backend,
+    format_metric_table,
+    load_config,
+    parse_runner_args,
+)
 from .preflight import (
     check_config_tasks,
     check_data_roots,
@@ -12,7 +20,9 @@ from .preflight import (
 )
 
 __all__ = [
+    "HelpFormatter",
     "add_runner_args",
+    "build_runner",
     "check_config_tasks",
     "check_data_roots",
     "check_pretrained",

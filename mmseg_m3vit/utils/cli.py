@@ -11,19 +11,48 @@ from typing import Any
 
 import numpy as np
 from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+from ..tasks import DATASET_TASKS
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows every default (an option without one says in its help what its
+    absence means) and keeps the description's and epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def task_names_help() -> str:
+    """The task names a config may hold, per data set of the task table."""
+    return "; ".join(f"{name}: {' '.join(tasks)}" for name, tasks in DATASET_TASKS.items())
 
 
 def add_runner_args(parser: argparse.ArgumentParser, cfg_options_example: str) -> None:
     """Add mmseg's common flags: ``--work-dir --cfg-options --launcher --local_rank``."""
-    parser.add_argument("--work-dir", help="directory for logs (and checkpoints when training)")
+    parser.add_argument(
+        "--work-dir",
+        help="directory for logs (and checkpoints when training); default: the config's "
+        "work_dir, else ./work_dirs/<config name>",
+    )
     parser.add_argument(
         "--cfg-options",
         nargs="+",
         action=DictAction,
-        help=f"override config settings, e.g. {cfg_options_example}",
+        help=f"override config settings (key=value ...), e.g. {cfg_options_example}",
     )
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    parser.add_argument(
+        "--launcher",
+        choices=["none", "pytorch", "slurm", "mpi"],
+        default="none",
+        help="process launcher ('pytorch' under torchrun, as tools/dist_*.sh do)",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=0, help="set by torch launchers"
+    )
 
 
 def parse_runner_args(
@@ -56,6 +85,16 @@ def load_config(args: argparse.Namespace) -> Config:
     elif cfg.get("work_dir", None) is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     return cfg
+
+
+def build_runner(cfg: Config) -> Runner:
+    """The config's runner: ``runner_type`` from mmseg's RUNNERS (as mmseg's tools do),
+    else mmengine's ``Runner``."""
+    if "runner_type" in cfg:
+        from mmseg.registry import RUNNERS
+
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
 
 
 def dist_backend(cfg: Config) -> str:

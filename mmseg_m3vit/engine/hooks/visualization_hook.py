@@ -52,6 +52,8 @@ class MultiTaskVisualizationHook(Hook):
         out_dir = self.out_dir
         if not osp.isabs(out_dir):
             out_dir = osp.join(runner.work_dir, out_dir)
+        meta = getattr(runner.test_dataloader.dataset, "metainfo", {}) or {}
+        class_names = {"semseg": meta.get("classes"), "parts": meta.get("parts_classes")}
         for sample in outputs:
             if self.max_images is not None and self._saved >= self.max_images:
                 return
@@ -61,6 +63,6 @@ class MultiTaskVisualizationHook(Hook):
             img = mmcv.imread(img_path, channel_order="rgb")
             preds, gts = sample_maps(sample)
             name = osp.splitext(osp.basename(img_path))[0]
-            panel = prediction_panel(img, preds, gts, title=name)
+            panel = prediction_panel(img, preds, gts, title=name, class_names=class_names)
             save_png(osp.join(out_dir, f"{name}.png"), panel)
             self._saved += 1
