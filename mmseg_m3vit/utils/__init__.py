@@ -16,6 +16,7 @@ from .preflight import (
     check_data_roots,
     check_pretrained,
     config_tasks,
+    resolve_data_root,
     restrict_to_tasks,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "format_metric_table",
     "load_config",
     "parse_runner_args",
+    "resolve_data_root",
     "restrict_to_tasks",
 ]
