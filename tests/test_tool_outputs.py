@@ -87,6 +87,7 @@ def test_quiet_console_filter() -> None:
     table = record(f"{HOOK_TABLE}:\nbefore_run: ...")
     assert not quiet.filter(table) and table.levelno == logging.DEBUG
     assert not quiet.filter(record("Config:\nmodel = dict()"))
+    assert not quiet.filter(record("\n" + "-" * 60 + "\nSystem environment:\n    sys.platform"))
     assert not quiet.filter(record('"FileClient" will be deprecated in future. Please use'))
     assert quiet.filter(record("Iter(train) [ 25/600]  lr: 1e-02"))
     console.setLevel(logging.DEBUG)

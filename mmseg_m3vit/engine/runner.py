@@ -4,8 +4,9 @@
 mmengine's ``Runner`` with three log records moved out of the way:
 
 - the hook order table (about 90 lines) is logged at DEBUG instead of INFO;
-- the full config text (several hundred lines) goes to the log file only; the console
-  gets one line naming the config file dumped in the work dir;
+- the system environment block and the full config text (several hundred lines) go to
+  the log file only; the console gets one line naming the config file dumped in the work
+  dir and the log file;
 - mmengine's notes about its own deprecated ``FileClient`` / ``HardDiskBackend``, which its
   checkpoint hook triggers on every run, are dropped.
 
@@ -26,6 +27,8 @@ from mmseg.registry import RUNNERS
 HOOK_TABLE = "Hooks will be executed in the following order"
 #: Start of mmengine's config dump.
 CONFIG_DUMP = "Config:\n"
+#: Start of mmengine's environment block (after a newline and a line of dashes).
+ENV_BLOCK = "System environment:"
 #: mmengine's notes on its own deprecated file backends.
 MMENGINE_DEPRECATION_NOTES = (
     '"FileClient" will be deprecated in future',
@@ -34,8 +37,8 @@ MMENGINE_DEPRECATION_NOTES = (
 
 
 class QuietConsoleFilter(logging.Filter):
-    """Handler filter: the hook table at DEBUG, the config dump in files only, mmengine's
-    deprecation notes nowhere.
+    """Handler filter: the hook table at DEBUG, the environment block and the config dump
+    in files only, mmengine's deprecation notes nowhere.
 
     Args:
         handler: the handler this filter is attached to (its level decides whether a
@@ -55,7 +58,8 @@ class QuietConsoleFilter(logging.Filter):
         if message.startswith(HOOK_TABLE):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return self.handler.level <= logging.DEBUG
-        if self.console and message.startswith(CONFIG_DUMP):
+        in_file_only = message.startswith(CONFIG_DUMP) or ENV_BLOCK in message[:100]
+        if self.console and in_file_only:
             return self.handler.level <= logging.DEBUG
         return True
 
@@ -79,5 +83,6 @@ class M3ViTRunner(Runner):
         super().dump_config()
         name = osp.basename(self.cfg.filename) if self.cfg.filename else f"{self.timestamp}.py"
         self.logger.info(
-            f"config: {osp.join(self.work_dir, name)} (full text in {self.logger.log_file})"
+            f"config: {osp.join(self.work_dir, name)} (config text and environment in "
+            f"{self.logger.log_file})"
         )
