@@ -14,10 +14,13 @@ lives in :mod:`mmseg_m3vit.datasets.synthetic_nyud`.
 from __future__ import annotations
 
 import argparse
+import os.path as osp
 import sys
 
-from mmseg_m3vit.datasets.synthetic_nyud import generate
-from mmseg_m3vit.utils.cli import HelpFormatter
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+from mmseg_m3vit.datasets.synthetic_nyud import generate  # noqa: E402
+from mmseg_m3vit.utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
