@@ -183,7 +183,8 @@ def plot_routing(
         f"fraction of tokens routed to each expert; each row sums to k = {k} "
         f"(top-{k} of {num_experts} experts per token)"
     )
-    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=9, y=1.02 + 0.04 * bool(title))
+    # above the axes whatever the figure height (the saved figure grows to fit it)
+    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=9, y=1.0, va="bottom")
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
