@@ -2,8 +2,8 @@
 
 One tiny config (D 16, 1 MoE block, 1 head, 4 experts top-2, 8x8 input with 4x4
 patches, PUP heads with 8 channels and num_up=0: conv3x3, conv1x1, nearest x2 and the
-exact final nearest x2 resize, 2x2 -> 8x8) keeps each build under a minute on 2 cores.
-The semseg build runs in ``--mode codegen`` (HLS/RTL sources; about 0.5 s more).
+exact final nearest x2 resize, 2x2 -> 8x8) keeps each build short.
+The semseg build runs in ``--mode codegen`` (HLS/RTL sources).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's main job, end to end on 2 CPU cores in under 10 minutes.
+"""The README's main job, end to end on a CPU (``make demo``).
 
 1. generate the synthetic NYUD-MT set (96x128 ray-cast rooms) if it is absent;
 2. train the small M3ViT config (``configs/m3vit_synthetic.py``) on it;
