@@ -200,6 +200,51 @@ def profile_tables(p: Problem, reps: int = 20) -> str:
     return "\n".join(text)
 
 
+def tile_sweep(p: Problem, reps: int) -> str:
+    """Fused layer fwd and fwd+bwd ms for several tile shapes of its GEMM kernels."""
+    from mmseg_m3vit.models.moe import fused
+
+    gemm0, wgrad0 = dict(fused._GEMM_CFG), dict(fused._WGRAD_CFG)
+    shapes = [  # BM, BN, BK, warps, stages
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (128, 128, 32, 8, 4),
+        (128, 256, 64, 8, 3),
+    ]
+    fwd = p.moe(DISPATCH_IMPLS["fused"])
+
+    def step(backward: bool) -> Callable[[], None]:
+        def run() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fwd()
+            if backward:
+                out.backward(p.grad_out.to(out.dtype))
+
+        return run
+
+    rows = []
+    for which, cfg in (("GEMM", fused._GEMM_CFG), ("weight-grad", fused._WGRAD_CFG)):
+        for bm, bn, bk, w, st in shapes:
+            cfg.update(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
+            try:
+                with torch.no_grad():
+                    f = bench(step(False), "cuda", 3, reps, hide_launch=True)
+                fb = bench(step(True), "cuda", 3, reps, hide_launch=True)
+                rows.append([which, f"{bm}x{bn}x{bk} w{w} s{st}", f"{f:.3f}", f"{fb:.3f}"])
+            except Exception as exc:  # e.g. out of shared memory for this shape
+                rows.append([which, f"{bm}x{bn}x{bk} w{w} s{st}", "failed", type(exc).__name__])
+        fused._GEMM_CFG.update(gemm0)
+        fused._WGRAD_CFG.update(wgrad0)
+    return table(
+        f"fused tile sweep, {p.m} tokens (other kernel at its default)",
+        ["kernel", "tile", "fwd ms", "fwd+bwd ms"],
+        rows,
+    )
+
+
 # ----------------------------------------------------------------------------- EP
 def _timed_all_ranks(fn: Callable[[], object], warmup: int, reps: int) -> float:
     """Median ms of ``fn`` over ``reps`` runs, every rank starting together."""
@@ -367,6 +412,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--profile", action="store_true", help="per-kernel tables and GEMM floor")
     p.add_argument("--compile", action="store_true", help="add grouped + torch.compile rows")
+    p.add_argument("--tile-sweep", action="store_true", help="fused kernels' tile shapes")
     p.add_argument("--infer-batches", default="1,8,64", help="(a') images, comma-separated")
     p.add_argument("--expert-parallel", action="store_true", help="torchrun, 2+ GPUs")
     p.add_argument("--ep-experts", type=int, nargs="+", default=[16, 64])
@@ -396,6 +442,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         problem = Problem(b * tokens, d, hd, e, k, device, False)
         out.append(layer_table(problem, device, warmup, reps, False, args.compile))
         print("(a') " + out[-1], flush=True)
+    if args.tile_sweep and device == "cuda":
+        out.append(tile_sweep(Problem(train_images * tokens, d, hd, e, k, device, True), reps))
+        print(out[-1], flush=True)
     if args.profile and device == "cuda":
         out.append(profile_tables(Problem(train_images * tokens, d, hd, e, k, device, True)))
         print(out[-1], flush=True)

@@ -31,8 +31,8 @@ import os
 import triton
 import triton.language as tl
 
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 #: Triton's CPU interpreter (``TRITON_INTERPRET=1``) multiplies bf16 tiles wrongly
 #: (triton 3.6); there the operands are widened to fp32 before ``tl.dot``.
 _WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
