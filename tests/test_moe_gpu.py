@@ -326,9 +326,10 @@ def test_fused_float32_matches_sorted_reference(shape) -> None:
 @pytest.mark.parametrize("shape", FUSED_CASES, ids=lambda c: f"{c[-1]}-m{c[0]}-k{c[4]}")
 def test_fused_bf16_matches_float64_as_well_as_sorted_bf16(shape) -> None:
     """The bf16 fast path (fp32 inputs under bf16 autocast, as the model calls it) vs
-    float64; its error must be within the stated bound and, on CUDA, within 1.5x
-    (+1e-3) of the sorted reference path's own error under the same autocast (Triton's
-    CPU interpreter rounds to bf16 by truncation, which doubles its error)."""
+    float64; its error must be within the stated bound and, on CUDA with at least 16
+    tokens, within 1.5x (+1e-3) of the sorted reference path's own error under the
+    same autocast (with a handful of roundings the ratio of two errors is noise;
+    Triton's CPU interpreter rounds to bf16 by truncation, which doubles its error)."""
     m, d, hd, e, k, case = shape
     p = _fused_problem(m, d, hd, e, k, case, seed=12, device=KERNEL_DEVICE)
     grad_out = torch.randn(m, d, dtype=torch.float64, device=KERNEL_DEVICE)
@@ -344,7 +345,7 @@ def test_fused_bf16_matches_float64_as_well_as_sorted_bf16(shape) -> None:
     out, grads = run_with_grads(under_autocast(fused_dispatch), p, grad_out, torch.float32)
     base, base_grads = run_with_grads(under_autocast(sorted_dispatch), p, grad_out, torch.float32)
     assert out.dtype == torch.bfloat16
-    ratio_bound = KERNEL_DEVICE == "cuda"
+    ratio_bound = KERNEL_DEVICE == "cuda" and m >= 16
     err, base_err = rel_err(out, ref), rel_err(base, ref)
     assert err < 1.5e-2, (err, base_err)
     assert not ratio_bound or err <= 1.5 * base_err + 1e-3, (err, base_err)

@@ -438,7 +438,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     problem = Problem(train_images * tokens, d, hd, e, k, device, True)
     out = [layer_table(problem, device, warmup, reps, True, args.compile)]
     print("(a) " + out[-1], flush=True)
-    for b in [int(v) for v in args.infer_batches.split(",")] if not args.small else [1]:
+    batches = [int(v) for v in args.infer_batches.split(",") if v.strip()]
+    for b in batches if not args.small else [1]:
         problem = Problem(b * tokens, d, hd, e, k, device, False)
         out.append(layer_table(problem, device, warmup, reps, False, args.compile))
         print("(a') " + out[-1], flush=True)

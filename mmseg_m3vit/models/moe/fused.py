@@ -45,9 +45,10 @@ except ImportError:  # pragma: no cover - depends on the installation
 #: the tests use to check them without a GPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tile shapes (rows x columns x reduction) per kernel; 8 warps = two Hopper warpgroups.
+# Tile shapes (rows x columns x reduction) per kernel, from the tile sweep of
+# tools/analysis_tools/benchmark_moe.py on an H200 (benchmarks/RESULTS.md).
 _GEMM_CFG = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
-_WGRAD_CFG = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+_WGRAD_CFG = dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 _SORT_BLOCK_ELEMS = 8192  # BLOCK x E_P2 one-hot elements per sort program
 
