@@ -25,7 +25,7 @@ from mmseg_m3vit.models.moe import fused
 from mmseg_m3vit.models.moe.dispatch import auto_dispatch, get_dispatch
 from mmseg_m3vit.models.moe.fused import ExpertSort, fused_dispatch, fused_expert_ffn
 from mmseg_m3vit.models.moe.grouped import grouped_dispatch, grouped_expert_ffn, sort_by_expert
-from mmseg_m3vit.models.moe.reference import expert_loop_dispatch, sorted_dispatch
+from mmseg_m3vit.models.moe.reference import sorted_dispatch
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 #: Where the fused kernels run in this session: CUDA, else Triton's CPU interpreter.
@@ -214,30 +214,6 @@ def test_grouped_cuda_float32_falls_back_exactly() -> None:
     p = make_problem(m=21, d=32, hd=16, e=4, k=2, empty=(), seed=4, device="cuda")
     p32 = {n: (t.float() if t.is_floating_point() else t) for n, t in p.items()}
     assert torch.equal(grouped_dispatch(**p32), sorted_dispatch(**p32))
-
-
-def _load_benchmark():
-    """tools/analysis_tools/benchmark.py as a module (tools/ is not a package)."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).parents[1] / "tools" / "analysis_tools" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("m3vit_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_loop_baseline_and_moe_table_cpu() -> None:
-    """The benchmark's per-expert-loop baseline is the same function; part (a) runs on CPU."""
-    bench = _load_benchmark()
-    p = make_problem(m=15, d=8, hd=8, e=5, k=2, empty=(4,), seed=5)
-    ref = per_token_reference(**p)
-    assert rel_err(expert_loop_dispatch(**p), ref) < 1e-12
-    text = bench.moe_ffn_part("cpu", bench.MoEScale(1, 9, 8, 8, 4, 2), warmup=0, reps=1)
-    assert text.count("\n|") == 6  # header, rule, four implementations
 
 
 # ----------------------------------------------------------------------------- fused
