@@ -204,7 +204,7 @@ def tile_sweep(p: Problem, reps: int) -> str:
     """Fused layer fwd and fwd+bwd ms for several tile shapes of its GEMM kernels."""
     from mmseg_m3vit.models.moe import fused
 
-    gemm0, wgrad0 = dict(fused._GEMM_CFG), dict(fused._WGRAD_CFG)
+    gemm0, wgrad0 = dict(fused.GEMM_TILES), dict(fused.WGRAD_TILES)
     shapes = [  # BM, BN, BK, warps, stages
         (128, 128, 64, 8, 3),
         (128, 128, 64, 8, 4),
@@ -226,7 +226,7 @@ def tile_sweep(p: Problem, reps: int) -> str:
         return run
 
     rows = []
-    for which, cfg in (("GEMM", fused._GEMM_CFG), ("weight-grad", fused._WGRAD_CFG)):
+    for which, cfg in (("GEMM", fused.GEMM_TILES), ("weight-grad", fused.WGRAD_TILES)):
         for bm, bn, bk, w, st in shapes:
             cfg.update(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
             try:
@@ -236,8 +236,8 @@ def tile_sweep(p: Problem, reps: int) -> str:
                 rows.append([which, f"{bm}x{bn}x{bk} w{w} s{st}", f"{f:.3f}", f"{fb:.3f}"])
             except Exception as exc:  # e.g. out of shared memory for this shape
                 rows.append([which, f"{bm}x{bn}x{bk} w{w} s{st}", "failed", type(exc).__name__])
-        fused._GEMM_CFG.update(gemm0)
-        fused._WGRAD_CFG.update(wgrad0)
+        fused.GEMM_TILES.update(gemm0)
+        fused.WGRAD_TILES.update(wgrad0)
     return table(
         f"fused tile sweep, {p.m} tokens (other kernel at its default)",
         ["kernel", "tile", "fwd ms", "fwd+bwd ms"],

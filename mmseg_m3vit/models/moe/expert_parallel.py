@@ -40,6 +40,7 @@ from .grouped import (
     grouped_rows_ffn,
     sort_by_expert,
 )
+from .moe_ffn import MoEFFN
 from .reference import matmul_dtype
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
@@ -139,8 +140,6 @@ class ExpertParallelDispatch:
 
 def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
     """The :class:`~.moe_ffn.MoEFFN` modules of ``model``."""
-    from .moe_ffn import MoEFFN
-
     return (m for m in model.modules() if isinstance(m, MoEFFN))
 
 

@@ -45,10 +45,11 @@ except ImportError:  # pragma: no cover - depends on the installation
 #: the tests use to check them without a GPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tile shapes (rows x columns x reduction) per kernel, from the tile sweep of
-# tools/analysis_tools/benchmark_moe.py on an H200 (benchmarks/RESULTS.md).
-_GEMM_CFG = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
-_WGRAD_CFG = dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4)
+#: Tile shapes (rows x columns x reduction, warps, pipeline stages) of the grouped GEMM
+#: and weight-gradient kernels, from the tile sweep of
+#: ``tools/analysis_tools/benchmark_moe.py --tile-sweep`` on an H200 (benchmarks/RESULTS.md).
+GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+WGRAD_TILES = dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 _SORT_BLOCK_ELEMS = 8192  # BLOCK x E_P2 one-hot elements per sort program
 
@@ -135,7 +136,7 @@ def _gemm(
         k, n = w.shape[1], w.shape[2]
         s_k, s_n = w.stride(1), w.stride(2)
     r = sort.order.shape[0]
-    cfg = _GEMM_CFG
+    cfg = GEMM_TILES
     tiles = triton.cdiv(r, cfg["BM"]) + e
     grid = (tiles * triton.cdiv(n, cfg["BN"]),)
     dummy = out
@@ -184,7 +185,7 @@ def _wgrad(
     k1, n1 = a.shape[1], b.shape[1]
     dw = torch.empty(e, k1, n1, dtype=dtype, device=a.device)
     db = torch.empty(e, n1, dtype=dtype, device=a.device)
-    cfg = _WGRAD_CFG
+    cfg = WGRAD_TILES
     grid = (triton.cdiv(k1, cfg["BM"]) * triton.cdiv(n1, cfg["BN"]), e)
     kernels.expert_wgrad_kernel[grid](
         a,
