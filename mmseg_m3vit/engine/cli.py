@@ -70,3 +70,12 @@ def dist_backend(cfg: Config) -> str:
     """The process-group backend for CPU runs: the config's, with NCCL replaced by gloo."""
     backend = cfg.get("env_cfg", {}).get("dist_cfg", {}).get("backend", "nccl")
     return "gloo" if backend == "nccl" else backend
+
+
+def ensure_custom_hooks(cfg: Config, types: list[str]) -> None:
+    """Append ``dict(type=T)`` to ``cfg.custom_hooks`` for each hook type not there yet
+    (the plugin's safety hooks stay on when a config replaces ``custom_hooks``)."""
+    hooks = list(cfg.get("custom_hooks") or [])
+    present = {h.get("type") for h in hooks if isinstance(h, dict)}
+    hooks.extend(dict(type=t) for t in types if t not in present)
+    cfg.custom_hooks = hooks
