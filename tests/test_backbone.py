@@ -201,6 +201,25 @@ def test_load_errors(tmp_path) -> None:
         load_timm_checkpoint(_small(expert_hidden_dims=24), str(tmp_path / "good.pth"))
 
 
+def test_pretrained_file_that_loads_nothing_fails(tmp_path) -> None:
+    """Lenient for routers (and experts with expert_init='random'), but an empty or
+    unrelated file, or one lacking backbone blocks, fails naming what is missing."""
+    torch.save({}, tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match=r"empty\.pth lacks \d+ backbone tensors"):
+        load_timm_checkpoint(_small(), str(tmp_path / "empty.pth"))
+    unrelated = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 64)}
+    torch.save({"state_dict": unrelated}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match=r"resnet\.pth lacks.*conv1\.weight, fc\.weight"):
+        load_timm_checkpoint(_small(), str(tmp_path / "resnet.pth"))
+    shallow = _timm_state_dict(grid=3, layers=2)  # the model has 4 blocks
+    torch.save(shallow, tmp_path / "shallow.pth")
+    with pytest.raises(ValueError, match=r"blocks\.2\."):
+        load_timm_checkpoint(_small(), str(tmp_path / "shallow.pth"))
+    # through the config key: init_weights fails the same way
+    with pytest.raises(ValueError, match="empty.pth"):
+        _small(pretrained=str(tmp_path / "empty.pth")).init_weights()
+
+
 @pytest.mark.parametrize("router", ["multi_gate", "task_conditioned", "shared"])
 def test_any_patch_multiple_input_size(router: str) -> None:
     model = _small(router=router).eval()

@@ -27,7 +27,7 @@ from mmengine.runner import Runner
 from mmseg.registry import HOOKS, MODELS
 
 import mmseg_m3vit  # noqa: F401  (registers the plugin)
-from mmseg_m3vit.compat import load_checkpoint_file
+from mmseg_m3vit.compat import CheckpointMismatchError, load_checkpoint_file
 from mmseg_m3vit.engine import NonFiniteLossError
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -243,6 +243,41 @@ def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> N
         [config, ckpt, "--task", "depth", "--amp", "--work-dir", str(tmp_path / "w3")]
     )
     assert amp_metrics["depth/rmse"] == pytest.approx(metrics["depth/rmse"], rel=0.05)
+
+
+def test_test_tool_loads_strictly(tmp_path, config: str, trained: str) -> None:
+    """A checkpoint of another model size fails naming the keys instead of leaving the MoE
+    layers random and reporting metrics; so does the routing tool."""
+    ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
+    args = [config, ckpt, "--work-dir", str(tmp_path / "w"),
+            "--cfg-options", "model.backbone.num_experts=8"]  # fmt: skip
+    with pytest.raises(CheckpointMismatchError) as err:
+        test_tool.main(args)
+    msg = str(err.value)
+    assert ckpt in msg and "backbone.blocks.1.moe.w1 (4, 32, 16) (model: (8, 32, 16))" in msg
+    with pytest.raises(CheckpointMismatchError):
+        routing_tool.main([config, ckpt, "--cfg-options", "model.backbone.num_experts=8"])
+
+
+def test_test_tool_with_reordered_heads_gives_the_same_metrics(
+    tmp_path, config: str, trained: str
+) -> None:
+    """Listing the heads in another order must not hand each task another task's
+    router: every metric equals the one of the original order."""
+    from mmengine.config import Config
+
+    heads = Config.fromfile(config).model.decode_heads
+    order = ["edge", "normals", "semseg", "depth"]
+    reordered = {t: heads[t].to_dict() for t in order}
+    cfg_path = tmp_path / "reordered.py"
+    cfg_path.write_text(
+        f"_base_ = [{config!r}]\nmodel = dict(decode_heads=dict(_delete_=True, **{reordered!r}))\n"
+    )
+    assert list(Config.fromfile(str(cfg_path)).model.decode_heads) == order
+    ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
+    original = test_tool.main([config, ckpt, "--work-dir", str(tmp_path / "a")])
+    got = test_tool.main([str(cfg_path), ckpt, "--work-dir", str(tmp_path / "b")])
+    assert got == pytest.approx(original, rel=1e-6, abs=1e-9)
 
 
 def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
