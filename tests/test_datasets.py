@@ -429,6 +429,19 @@ def test_pascal_missing_optional_and_required_files(pascal_root):
     assert len(ds) == 2
 
 
+def test_pascal_edges_are_seism_seg2bmap(tmp_path):
+    """Hand-derived BSDS/SEISM seg2bmap: a pixel is a boundary when its label differs
+    from its east, south or south-east neighbour (last row: east only, last column:
+    south only, bottom-right never)."""
+    from mmseg_m3vit.datasets.transforms.loading import DECODERS
+
+    labels = np.array([[0, 0, 2, 2], [0, 1, 2, 2], [3, 3, 3, 2]])
+    scipy.io.savemat(tmp_path / "l.mat", {"LabelMap": labels})
+    expected = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 0]], np.uint8)
+    # (0, 0) is a boundary only through its south-east neighbour (label 1)
+    np.testing.assert_array_equal(DECODERS[("pascal", "edge")](str(tmp_path / "l.mat")), expected)
+
+
 def test_pascal_size_mismatch_is_named(pascal_root):
     scipy.io.savemat(
         pascal_root / "pascal-context/trainval" / "p2.mat", {"LabelMap": np.ones((H, W + 2))}

@@ -37,7 +37,7 @@ from mmengine.logging import print_log
 from mmseg.registry import TRANSFORMS
 from PIL import Image
 
-from mmseg_m3vit.datasets.edge_utils import label_boundaries
+from mmseg_m3vit.datasets.edge_utils import seg2bmap
 from mmseg_m3vit.tasks import DATASET_TASKS, check_tasks, get_task
 
 #: PASCAL VOC class index of 'person' in the PASCAL-Part ``anno.objects.class_ind`` field.
@@ -319,12 +319,13 @@ def _pascal_normals(path: str) -> np.ndarray:
 
 
 def _pascal_edge(path: str) -> np.ndarray:
-    """pascal-context ``LabelMap`` .mat -> uint8 {0, 1} boundary pixels of the label map."""
+    """pascal-context ``LabelMap`` .mat -> uint8 {0, 1} boundary map of the label map
+    (SEISM's ``seg2bmap``, :func:`~mmseg_m3vit.datasets.edge_utils.seg2bmap`)."""
     mat = _open(path, _read_mat, "PASCAL edge")
     if "LabelMap" not in mat:
         raise ValueError(f"PASCAL edge file {path!r}: no 'LabelMap' variable")
     labels = _expect_2d(np.asarray(mat["LabelMap"]), path, "PASCAL edge")
-    return label_boundaries(labels).astype(np.uint8)
+    return seg2bmap(labels).astype(np.uint8)
 
 
 #: (data set, task) -> decoder(path) -> map in the task table's convention.
