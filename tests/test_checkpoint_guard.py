@@ -167,21 +167,41 @@ class ScriptedScoreMetric(BaseMetric):
         return {"score": SCORES.pop(0)}
 
 
-def _best_runner(config: str, work: str, max_iters: int, resume: bool) -> Runner:
+@HOOKS.register_module(force=True)
+class KillAtIterHook(Hook):
+    """Test helper: the process dies at the start of iteration ``at`` (1-based); no
+    after-train hook runs."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if runner.iter + 1 == self.at:
+            raise KeyboardInterrupt(f"killed at iteration {self.at}")
+
+
+def _best_run(config: str, work: str, scores: list[float], kill_at: int | None) -> Runner:
+    """Train to iteration 6 (validation every iteration, a checkpoint every 2), resuming
+    when the work dir has a checkpoint; dies at ``kill_at``."""
+    SCORES[:] = scores
     cfg = train_tool.build_config(train_tool.parse_args([config, "--work-dir", work]))
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=2)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=1)
     cfg.val_evaluator = dict(type="ScriptedScoreMetric")
     cfg.default_hooks.checkpoint = dict(
-        type="CheckpointHook",
-        by_epoch=False,
-        interval=2,
-        max_keep_ckpts=-1,
-        save_best="score",
-        rule="greater",
-    )
-    cfg.resume = resume
-    cfg.experiment_name = f"best_{osp.basename(work)}_{max_iters}_{resume}"
-    return Runner.from_cfg(cfg)
+        type="CheckpointHook", by_epoch=False, interval=2, max_keep_ckpts=-1,
+        save_best="score", rule="greater",
+    )  # fmt: skip
+    if kill_at is not None:
+        cfg.custom_hooks = [*cfg.custom_hooks, dict(type="KillAtIterHook", at=kill_at)]
+    cfg.resume = osp.isfile(osp.join(work, "last_checkpoint"))
+    cfg.experiment_name = f"best_{osp.basename(work)}_{len(glob.glob(work + '/*.pth'))}"
+    runner = Runner.from_cfg(cfg)
+    try:
+        runner.train()
+    except KeyboardInterrupt:
+        pass
+    init_default_scope("mmseg")
+    return runner
 
 
 def _bests(work: str) -> list[str]:
@@ -190,21 +210,42 @@ def _bests(work: str) -> list[str]:
 
 @pytest.mark.slow
 def test_one_best_checkpoint_after_resume(tmp_path, config: str) -> None:
-    """Scores 1, 3, 2, 2.5 at iterations 2, 4, 6, 8: the best is iteration 4's. Resumed
-    from iteration 4's checkpoint (written before iteration 4's validation), the run
-    must adopt best_4 rather than keep tracking best_2's score."""
-    scores, best = [1.0, 3.0, 2.0, 2.5], "best_score_iter_4.pth"
-    # uninterrupted: 8 iterations, validation every 2
-    SCORES[:] = scores
+    """mmengine re-saves the latest checkpoint after a new best, but not in a resumed
+    run before its first interval checkpoint. Here run 1 dies at iteration 3 (iter_2
+    holds best_2); run 2 resumes from iter_2, finds a new best at iteration 3 and dies
+    before iteration 4's checkpoint; run 3 resumes from iter_2 again and (training is
+    not bit-reproducible on every device) scores iteration 3 lower. An uninterrupted run
+    with run 3's scores keeps only best_score_iter_4; mmengine alone also keeps run 2's
+    best_score_iter_3, which belongs to a timeline that no longer exists."""
     straight = str(tmp_path / "straight")
-    _best_runner(config, straight, 8, False).train()
-    assert _bests(straight) == [best]
-    # interrupted after iteration 4 (its checkpoint, then its validation), then resumed
-    SCORES[:] = scores
+    _best_run(config, straight, [1.0, 2.0, 1.5, 2.6, 2.4, 2.5], None)
+    assert _bests(straight) == ["best_score_iter_4.pth"]
+
     work = str(tmp_path / "resumed")
-    _best_runner(config, work, 4, False).train()
-    runner = _best_runner(config, work, 8, True)
-    runner.train()
-    init_default_scope("mmseg")
-    assert _bests(work) == [best]
-    assert runner.message_hub.get_info("best_score") == max(scores)
+    _best_run(config, work, [1.0, 2.0], kill_at=3)
+    assert _bests(work) == ["best_score_iter_2.pth"]
+    _best_run(config, work, [3.0], kill_at=4)
+    assert _bests(work) == ["best_score_iter_3.pth"]
+    runner = _best_run(config, work, [1.5, 2.6, 2.4, 2.5], None)
+    assert _bests(work) == ["best_score_iter_4.pth"]
+    assert runner.message_hub.get_info("best_score") == 2.6
+
+
+@pytest.mark.slow
+def test_best_saved_after_the_resumed_checkpoint_is_adopted(tmp_path, config: str) -> None:
+    """Run 2 of the scenario above dies after iteration 3's best, and the run resumes
+    from a checkpoint of iteration 3 whose message hub predates that best (as when the
+    process dies between the best and mmengine's re-save): the best of iteration 3 is
+    adopted with its score, so a lower later score does not replace it."""
+    work = str(tmp_path / "w")
+    _best_run(config, work, [1.0, 2.0], kill_at=3)
+    _best_run(config, work, [3.0], kill_at=4)
+    # a checkpoint of iteration 3 from before its validation: iter_2's state, iter 3
+    ckpt = load_checkpoint_file(osp.join(work, "iter_2.pth"))
+    ckpt["meta"]["iter"] = 3
+    torch.save(ckpt, osp.join(work, "iter_3.pth"))
+    with open(osp.join(work, "last_checkpoint"), "w") as f:
+        f.write(osp.join(work, "iter_3.pth"))
+    runner = _best_run(config, work, [2.5, 2.4, 2.3], None)
+    assert _bests(work) == ["best_score_iter_3.pth"]
+    assert runner.message_hub.get_info("best_score") == 3.0

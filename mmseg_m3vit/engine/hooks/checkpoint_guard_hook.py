@@ -144,11 +144,14 @@ class CheckpointGuardHook(Hook):
       that do not match the model fail in ``before_train`` when the run resumed
       (``load_from`` without resuming keeps mmengine's lenient loading).
     * ``before_train`` after a resume: the ``best_*`` files of each ``save_best``
-      metric are reconciled with the resumed state. A best file written after the
-      resumed checkpoint but at or before its iteration (the validation that followed
-      the save) becomes the tracked best (its score is read from it); every other best
-      file of that metric is removed, as ``CheckpointHook`` would have done without the
-      interruption.
+      metric are reconciled with the resumed state. mmengine re-saves the latest
+      checkpoint after a new best, but not in a resumed run before its first interval
+      checkpoint, and not if the process dies in between; the best files written then
+      are unknown to the checkpoint being resumed. A best file newer than the tracked one
+      but at or before the resumed iteration becomes the tracked best (its score is read
+      from it); every other best file of that metric (older ones, or ones from
+      iterations after the resumed one, which the resumed run redoes) is removed, so
+      exactly one stays, as without the interruption.
 
     Runs before ``CheckpointHook`` (priority ``NORMAL`` vs ``VERY_LOW``).
     """
@@ -235,12 +238,15 @@ class CheckpointGuardHook(Hook):
                 if m:
                     found[osp.abspath(path)] = int(m.group(1))
             recorded = hub.get_info(ckpt_key)
-            by_name = {osp.basename(p): p for p in found}
-            if recorded and osp.basename(recorded) not in by_name:
-                continue  # the tracked best is elsewhere (moved work dir?): touch nothing
-            keep = by_name[osp.basename(recorded)] if recorded else None
-            recorded_at = found[keep] if keep else -1
+            recorded_name = osp.basename(recorded) if recorded else None
+            # the tracked file, matched by name (the work dir may have been moved)
+            keep = next((p for p in found if osp.basename(p) == recorded_name), None)
+            m = pattern.search(recorded_name or "")
+            recorded_at = int(m.group(1)) if m else -1
+            # written after the resumed checkpoint, at or before its iteration
             adopt = [p for p, at in found.items() if recorded_at < at <= position]
+            if keep is not None and keep != recorded:
+                hub.update_info(ckpt_key, keep)
             if adopt:
                 newest = max(adopt, key=found.get)
                 saved = load_checkpoint_file(newest).get("message_hub", {})
