@@ -58,18 +58,24 @@ class DepthErrorMetric(BaseMetric):
     sum_i n_valid_i)``, not the mean of per-image RMSEs. Per image only five sums are kept.
 
     Args:
+        task: the task scored (only ``'depth'``; the argument lets every task metric be
+            configured alike).
         eps: non-positive predictions become ``eps`` metres (1e-9, the official
             evaluation's value) before every term.
         collect_device / prefix: as :class:`mmengine.evaluator.BaseMetric`; ``prefix``
-            defaults to ``'depth'``.
+            defaults to the task.
     """
 
     def __init__(
-        self, eps: float = 1e-9, collect_device: str = "cpu", prefix: str | None = None
+        self,
+        task: str = "depth",
+        eps: float = 1e-9,
+        collect_device: str = "cpu",
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix or "depth")
-        self.spec = task_spec("depth", ("depth",), type(self).__name__)
-        self.task = "depth"
+        super().__init__(collect_device=collect_device, prefix=prefix or task)
+        self.spec = task_spec(task, ("depth",), type(self).__name__)
+        self.task = task
         if eps <= 0:
             raise ValueError(f"eps must be > 0 metres, got {eps}")
         self.eps = eps
