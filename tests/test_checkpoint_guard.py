@@ -152,6 +152,20 @@ def test_resume_with_a_mismatched_config_fails(tmp_path, config: str) -> None:
     assert "cannot resume" in msg and "backbone.blocks.1.moe.w1" in msg and "(8, 32, 16)" in msg
 
 
+def test_resume_with_another_task_order_fails(tmp_path, config: str) -> None:
+    """Weights load by task name, but SGD's momentum for the router rows is stored per
+    position: resuming with the tasks reordered must fail, not mix momentum rows."""
+    work = str(tmp_path / "work")
+    _runner(config, work, [], train_cfg=dict(max_iters=1, val_interval=100)).train()
+    init_default_scope("mmseg")
+    with pytest.raises(CheckpointMismatchError, match="another order.*optimizer state"):
+        train_tool.main(
+            [config, "--work-dir", work, "--resume",
+             "--cfg-options", "model.tasks=[edge,normals,semseg,depth]"]
+        )  # fmt: skip
+    init_default_scope("mmseg")
+
+
 # --------------------------------------------------------------------------- best
 SCORES: list[float] = []
 

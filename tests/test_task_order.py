@@ -90,6 +90,12 @@ def test_other_tasks_or_missing_names_fail(tmp_path) -> None:
     ):
         with pytest.raises(TaskOrderError, match="no task names"):
             load(segmentor(["depth", "semseg"]))
+    # one task: nothing to map, so a file without names loads
+    single = trained_like(["depth"], "multi_gate")
+    sd1 = single.state_dict()
+    del sd1["backbone._extra_state"]
+    torch.save({"state_dict": sd1}, tmp_path / "single.pth")
+    load_model_checkpoint(segmentor(["depth"]), str(tmp_path / "single.pth"))
     # a shared router has no task-indexed rows: any order loads
     shared = trained_like(["semseg", "depth"], "shared")
     torch.save({"state_dict": shared.state_dict()}, tmp_path / "shared.pth")

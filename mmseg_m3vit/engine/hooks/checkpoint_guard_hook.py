@@ -33,6 +33,7 @@ from ...compat.checkpoint import (
     extract_state_dict,
     load_checkpoint_file,
 )
+from ...models.task_order import task_order_changes
 
 
 class NonFiniteCheckpointError(RuntimeError):
@@ -141,8 +142,9 @@ class CheckpointGuardHook(Hook):
       tensor is NaN or infinite, naming the first few, the iteration and the last
       verified checkpoint; nothing is written and ``last_checkpoint`` is unchanged.
     * ``after_load_checkpoint``: a non-finite checkpoint fails at once; keys / shapes
-      that do not match the model fail in ``before_train`` when the run resumed
-      (``load_from`` without resuming keeps mmengine's lenient loading).
+      that do not match the model, or another task order (the optimizer state cannot be
+      mapped by task name), fail in ``before_train`` when the run resumed (``load_from``
+      without resuming keeps mmengine's lenient loading).
     * ``before_train`` after a resume: the ``best_*`` files of each ``save_best``
       metric are reconciled with the resumed state. mmengine re-saves the latest
       checkpoint after a new best, but not in a resumed run before its first interval
@@ -201,7 +203,14 @@ class CheckpointGuardHook(Hook):
         try:
             state_dict = extract_state_dict(checkpoint, "the checkpoint")
             check_state_dict(model, state_dict, "being resumed")
+            changes = task_order_changes(model, state_dict)
             self._load_mismatch = None
+            if changes:  # weights map by name, the optimizer state would not
+                self._load_mismatch = (
+                    f"the checkpoint lists the tasks in another order ({'; '.join(changes)}) "
+                    "and the optimizer state is stored per position; resume with the "
+                    "checkpoint's task order (testing or fine-tuning may reorder)"
+                )
         except (CheckpointMismatchError, ValueError) as err:
             self._load_mismatch = str(err)
 
