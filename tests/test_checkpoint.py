@@ -117,6 +117,7 @@ def _same(a, b, where: str = "") -> None:
         assert a == b or (a != a and b != b), where
 
 
+@pytest.mark.slow  # trains two tiny configs, each with a resume
 def test_allow_list_is_exactly_what_runner_checkpoints_hold(runner_checkpoints) -> None:
     allowed = set(allowed_global_names())
     needed = set()
@@ -142,6 +143,7 @@ def test_allow_list_is_exactly_what_runner_checkpoints_hold(runner_checkpoints) 
         assert safe["state_dict"]["backbone._extra_state"].dtype == torch.uint8
 
 
+@pytest.mark.slow
 def test_runner_checkpoint_loads_strictly_without_opt_in(runner_checkpoints) -> None:
     """What the FINN flow and the tools do with a genuine checkpoint: build the model
     from the config and load the file strictly, with no trust opt-in."""
