@@ -348,27 +348,45 @@ def run_node(inst: Any, exe: Path, ctx: dict, ddr: bytes, work: Path) -> dict[st
 # ------------------------------------------------------------------ main
 def run(build: Path, inputs: list[str], work: Path | None = None) -> dict[str, Any]:
     """C-simulate every MoE node of the build; returns the report (also written to disk)."""
+    import finn_flow.moe_ops  # noqa: F401  (registers the ops)
+
+    work = work or build / "csim"
+    cg, hw = _models(build)
+    iname = hw.graph.input[0].name
+    arrays = _inputs(build, inputs, tuple(hw.get_tensor_shape(iname)))
+    report = simulate(cg, hw, arrays, work)
+    report["build"] = str(build)
+    _write_report(work, report)
+    return report
+
+
+def simulate(cg: Any, hw: Any, arrays: list[np.ndarray], work: Path) -> dict[str, Any]:
+    """C-simulate the MoE nodes of ``cg`` (a model after ``step_hw_codegen``) on the
+    actual inputs obtained by executing ``hw`` (the same design before specialisation)
+    on ``arrays``; the testbenches run in ``work`` (emptied first)."""
     from finn.core.onnx_exec import execute_onnx
     from qonnx.custom_op.registry import getCustomOp
 
     import finn_flow.moe_ops  # noqa: F401  (registers the ops)
     from finn_flow.moe_ops.ddr import write_ddr_image
 
-    work = work or build / "csim"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    cg, hw = _models(build)
     nodes = [n for n in cg.graph.node if n.op_type.replace("_hls", "") in MOE_OPS]
     if not nodes:
-        raise CsimError(f"the design in {build} has no MoE nodes")
-    layout = write_ddr_image(cg, work / "ddr")
-    ddr = (work / "ddr" / "moe_experts.bin").read_bytes()
+        raise CsimError("the design has no MoE nodes (TopKGate_hls, ExpertFFN_hls, ...)")
+    ddr, ddr_bytes = b"", 0
+    if any(n.op_type.startswith("ExpertFFN") for n in nodes):
+        ddr_bytes = write_ddr_image(cg, work / "ddr")["bytes"]
+        ddr = (work / "ddr" / "moe_experts.bin").read_bytes()
     iname = hw.graph.input[0].name
-    arrays = _inputs(build, inputs, tuple(hw.get_tensor_shape(iname)))
-    contexts = [execute_onnx(hw, {iname: a}, True) for a in arrays]
-    report: dict[str, Any] = {"build": str(build), "inputs": len(arrays), "nodes": [],
-                              "ddr_bytes": layout["bytes"]}  # fmt: skip
+    if len(hw.graph.input) != 1:
+        inames = [i.name for i in hw.graph.input]
+        contexts = [execute_onnx(hw, dict(zip(inames, a)), True) for a in arrays]
+    else:
+        contexts = [execute_onnx(hw, {iname: a}, True) for a in arrays]
+    report: dict[str, Any] = {"inputs": len(arrays), "nodes": [], "ddr_bytes": ddr_bytes}
     ok = True
     for node in nodes:
         inst = getCustomOp(node)
@@ -402,15 +420,21 @@ def run(build: Path, inputs: list[str], work: Path | None = None) -> dict[str, A
         ffn = ""
         if node.op_type.startswith("ExpertFFN"):
             ev = runs[0]["events_kernel"]
-            ffn = (f"; input 0: {len(ev.get('load', {}))} experts loaded, "
-                   f"{sum(ev.get('load', {}).values())} AXI beats, "
-                   f"{sum(ev.get('compute', {}).values())} MAC-array cycles")  # fmt: skip
+            ffn = (
+                f"; input 0: {len(ev.get('load', {}))} experts loaded, "
+                f"{sum(ev.get('load', {}).values())} AXI beats, "
+                f"{sum(ev.get('compute', {}).values())} MAC-array cycles"
+            )
         print(f"[csim] {node.name}: {status}, {events} on {len(runs)} input(s){ffn}")
     report["all_match"] = bool(ok)
+    _write_report(work, report)
+    return report
+
+
+def _write_report(work: Path, report: dict[str, Any]) -> None:
     tmp = work / ".csim_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(tmp, work / "csim_report.json")
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

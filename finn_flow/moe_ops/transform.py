@@ -45,7 +45,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
 
-from finn_flow.moe_ops.base import bits_for, decode_routing
+from finn_flow.moe_ops.base import bits_for, decode_routing, part_urams
 from finn_flow.moe_ops.ddr import assign_ddr_offsets, signed_bits
 from finn_flow.moe_ops.expert_ffn import DEFAULT_AXI_LATENCY
 
@@ -613,6 +613,9 @@ def build_nodes(model: ModelWrapper, region: Region, prm: dict[str, Any], *, axi
         has_bias=prm["has_bias"], **common,
     )  # fmt: skip
     nodes = [topk, dup, disp, ffn, comb]
+    ram = "auto" if part_urams(fpgapart) else "block"
+    for node in (disp, ffn, comb):
+        getCustomOp(node).set_nodeattr("ram_style", ram)
     beats = getCustomOp(ffn).expert_layout().beats
     fold = default_folding(prm, axi_bits, beats, DEFAULT_AXI_LATENCY)
     for op, attrs in (folding or {}).items():
@@ -621,6 +624,9 @@ def build_nodes(model: ModelWrapper, region: Region, prm: dict[str, Any], *, axi
         inst = getCustomOp(node)
         for key, val in fold.get(node.op_type, {}).items():
             inst.set_nodeattr(key, int(val))
+        if node.op_type != "DuplicateStreams":
+            inst.get_folded_input_shape(0)  # refuses PE / SIMD that do not divide
+            inst.get_folded_output_shape(0)
     # shapes and datatypes of the new tensors
     shapes = {
         names["routing"]: (1, t, 2 * k), names["r0"]: (1, t, 2 * k), names["r1"]: (1, t, 2 * k),
@@ -664,6 +670,33 @@ def _first_diff(a: np.ndarray, b: np.ndarray) -> str:
         idx = np.argwhere(a.view(np.uint32) != b.view(np.uint32)) if a.dtype == np.float32 else idx
     pos = tuple(int(v) for v in idx[0])
     return f"first at {pos}: stand-in {a[pos]!r}, reordered {b[pos]!r} ({len(idx)} positions)"
+
+
+def engine_model(
+    prm: dict[str, Any], *, axi_bits: int = 128, folding: dict | None = None
+) -> ModelWrapper:
+    """A model holding only the engine (TopKGate -> DuplicateStreams -> ExpertDispatch ->
+    ExpertFFN -> ExpertCombine) for parameters ``prm`` in the form :func:`extract` returns.
+
+    Inputs ``probabilities`` (1, T, E) and ``tokens`` (1, T, D), output ``moe_out`` (1, T, D).
+    Used by the tests and for exploring foldings without a FINN build.
+    """
+    from onnx import TensorProto
+    from qonnx.util.basic import qonnx_make_model
+
+    t, d, e = prm["T"], prm["D"], prm["E"]
+    inp_p = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, t, e])
+    inp_x = helper.make_tensor_value_info("tokens", TensorProto.FLOAT, [1, t, d])
+    out_y = helper.make_tensor_value_info("moe_out", TensorProto.FLOAT, [1, t, d])
+    graph = helper.make_graph([], "moe_engine", [inp_p, inp_x], [out_y])
+    model = ModelWrapper(qonnx_make_model(graph, producer_name="finn_flow.moe_ops"))
+    model.set_tensor_datatype("probabilities", prm["p_dt"])
+    model.set_tensor_datatype("tokens", prm["x_dt"])
+    region = Region(0, "probabilities", "tokens", "moe_out", "", "")
+    for node in build_nodes(model, region, prm, axi_bits=axi_bits, fpgapart="", folding=folding):
+        model.graph.node.append(node)
+    assign_ddr_offsets(model)
+    return model
 
 
 # ------------------------------------------------------------------------- entry point
