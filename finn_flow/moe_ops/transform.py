@@ -534,8 +534,17 @@ def _divisors(n: int) -> list[int]:
 
 
 def default_folding(prm: dict[str, Any], axi_bits: int, beats: int, latency: int) -> dict:
-    """PE/SIMD that balance the MAC array with the DDR: the mean expert (T*k/E rows)
-    computes in about the time one expert image takes to load."""
+    """Default PE/SIMD of the engine.
+
+    ``ExpertFFN``: the smallest MAC array (PE x SIMD, SIMD <= 32) with which the mean
+    expert (T*k/E rows) computes in about the time one expert image takes to fetch, so
+    neither the DDR nor the MAC array idles in the average frame. The other three ops:
+    the least parallelism that keeps each within a quarter of ``ExpertFFN``'s worst case
+    (they are never the layer's bottleneck, and stay cheap).
+    """
+    from finn_flow.moe_ops.schedule import ffn_worst_case
+
+    del axi_bits
     d, hd, t, k, e = prm["D"], prm["Hd"], prm["T"], prm["k"], prm["E"]
     common = _divisors(math.gcd(d, hd))
     macs = 2 * d * hd * (t * k / e)
@@ -546,12 +555,18 @@ def default_folding(prm: dict[str, Any], axi_bits: int, beats: int, latency: int
             if pe * simd >= target and (best is None or pe * simd < best[0] * best[1]):
                 best = (pe, simd)
     pe, simd = best or (max(common), max(s for s in common if s <= 32))
-    small = lambda n, cap: max(x for x in _divisors(n) if x <= cap)  # noqa: E731
+    row = (hd // pe) * (d // simd) + (d // pe) * (hd // simd)
+    worst, _ = ffn_worst_case(e, t * k, beats, latency, row, t + e + t * k)
+    budget = max(1, worst // 4)
+
+    def least(n: int, cycles) -> int:
+        return next((f for f in _divisors(n) if cycles(f) <= budget), n)
+
     return {
-        "TopKGate": {"PE": small(e, 4)},
-        "ExpertDispatch": {"SIMD": small(d, 16)},
+        "TopKGate": {"PE": least(e, lambda f: t * e // f)},
+        "ExpertDispatch": {"SIMD": least(d, lambda f: t + e + t * k + (t + t * k) * (d // f))},
         "ExpertFFN": {"PE": pe, "SIMD": simd},
-        "ExpertCombine": {"PE": small(d, 8)},
+        "ExpertCombine": {"PE": least(d, lambda f: t + e + t * k + (t * k + t) * (d // f))},
     }
 
 
