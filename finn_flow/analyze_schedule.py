@@ -53,7 +53,9 @@ if str(REPO) not in sys.path:  # allow `python finn_flow/analyze_schedule.py` fr
 
 from finn_flow.moe_ops.schedule import ffn_schedule  # noqa: E402
 
-DEFAULT_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t-moe16-top2-mg_fpga_nyud-64x80.py"
+DEFAULT_CONFIG = (
+    REPO / "configs" / "fpga" / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
+)
 SCALE_E = (4, 8, 16, 32, 64)
 SCALE_T = (21, 129, 1201)
 PAPER_CLAIMS = {

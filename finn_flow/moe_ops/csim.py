@@ -387,21 +387,25 @@ def simulate(cg: Any, hw: Any, arrays: list[np.ndarray], work: Path) -> dict[str
     else:
         contexts = [execute_onnx(hw, {iname: a}, True) for a in arrays]
     report: dict[str, Any] = {"inputs": len(arrays), "nodes": [], "ddr_bytes": ddr_bytes}
+    twins = _pair_nodes(nodes, hw)
     ok = True
     for node in nodes:
         inst = getCustomOp(node)
+        twin = twins[node.name]
         src = Path(inst.get_nodeattr("code_gen_dir_ipgen") or "")
         t0 = time.time()
         axi = int(inst.get_nodeattr("axi_bits")) if node.op_type.startswith("ExpertFFN") else 8
         exe = compile_node(inst, src, work / node.name, len(ddr) // (axi // 8))
         runs = []
         for i, ctx in enumerate(contexts):
-            missing = [
-                t for t in node.input if t and t not in ctx and cg.get_initializer(t) is None
-            ]
-            if missing:
-                raise CsimError(f"{node.name}: tensors {missing} are not in the HW-layer graph")
-            vals = {t: (ctx[t] if t in ctx else cg.get_initializer(t)) for t in node.input if t}
+            # the twin's input j carries the values of this node's input j (piece-wise
+            # passes rename tensors, so values are looked up through the twin)
+            vals = {}
+            for mine, theirs in zip(node.input, twin.input):
+                if not mine:
+                    continue
+                init = cg.get_initializer(mine)
+                vals[mine] = init if init is not None else ctx[theirs]
             runs.append(run_node(inst, exe, vals, ddr, work / node.name / f"input{i}"))
         good = all(r["output_identical"] and r["events_equal"] for r in runs)
         ok &= good
@@ -429,6 +433,29 @@ def simulate(cg: Any, hw: Any, arrays: list[np.ndarray], work: Path) -> dict[str
     report["all_match"] = bool(ok)
     _write_report(work, report)
     return report
+
+
+def _pair_nodes(nodes: list, hw: Any) -> dict[str, Any]:
+    """Each generated MoE node's twin in the executable HW-layer graph: the n-th node of
+    the same op type (graph order), with the same sizes."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    pairs = {}
+    for op in MOE_OPS:
+        mine = [n for n in nodes if n.op_type == f"{op}_hls"]
+        theirs = [n for n in hw.graph.node if n.op_type == op]
+        if len(mine) != len(theirs):
+            raise CsimError(
+                f"{len(mine)} {op}_hls nodes in the design, {len(theirs)} {op} nodes in the "
+                "HW-layer graph"
+            )
+        for a, b in zip(mine, theirs):
+            ia, ib = getCustomOp(a), getCustomOp(b)
+            for key in ("NumTokens", "NumExperts", "TopK"):
+                if ia.get_nodeattr(key) != ib.get_nodeattr(key):
+                    raise CsimError(f"{a.name} and {b.name} differ in {key}")
+            pairs[a.name] = b
+    return pairs
 
 
 def _write_report(work: Path, report: dict[str, Any]) -> None:

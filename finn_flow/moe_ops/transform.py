@@ -270,18 +270,30 @@ def _trace_region(model, index, diff, t_beats, count, t_drop) -> Region:
     h_in = [t for t in _dyn_inputs(model, m_hg) if t != g_end]
     if len(h_in) != 1:
         raise MoESwapError(f"{m_hg.name}: cannot tell the activation input from the gate input")
-    h_chain, t = [], h_in[0]
-    while True:  # back from the activation input to fc1
+    # back from the activation input to fc1: the activation may be a small DAG (e.g. GELU
+    # as two threshold tables of the same codes, subtracted)
+    h_nodes, fc1s, todo, seen = {}, {}, [h_in[0]], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
         prod = model.find_producer(t)
         if prod is None:
             raise MoESwapError(f"{m_hg.name}: activation input {t!r} has no producer")
         if _is_matmul(model, prod):
-            fc1 = prod
-            break
-        if len(_dyn_inputs(model, prod)) != 1:
-            raise MoESwapError(f"activation chain: unexpected node {prod.name} ({prod.op_type})")
-        h_chain.insert(0, prod)
-        t = _dyn_inputs(model, prod)[0]
+            fc1s[prod.name] = prod
+            continue
+        h_nodes[prod.name] = prod
+        todo += _dyn_inputs(model, prod)
+    if len(fc1s) != 1:
+        raise MoESwapError(f"{m_hg.name}: the activation comes from {sorted(fc1s)}, not one fc1")
+    fc1 = next(iter(fc1s.values()))
+    first = _single_consumer(model, fc1.output[0], f"fc1 {fc1.name}")
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    h_chain = sorted(h_nodes.values(), key=lambda n: order[n.name])
+    if first.name not in h_nodes or h_chain[0].name != first.name:
+        raise MoESwapError(f"{fc1.name}: expected its only consumer to start the activation")
     hid_chain, fc2 = _follow_unary(model, m_hg.output[0], lambda n: _is_matmul(model, n))
     y_chain = []
     node = _single_consumer(model, fc2.output[0], f"fc2 {fc2.name}")
@@ -549,10 +561,10 @@ def default_folding(prm: dict[str, Any], axi_bits: int, beats: int, latency: int
     common = _divisors(math.gcd(d, hd))
     macs = 2 * d * hd * (t * k / e)
     target = max(1, math.ceil(macs / (latency + beats)))
-    best = None
+    best = None  # smallest PE x SIMD >= target; among equals the widest SIMD (<= 32)
     for simd in [s for s in common if s <= 32]:
         for pe in common:
-            if pe * simd >= target and (best is None or pe * simd < best[0] * best[1]):
+            if pe * simd >= target and (best is None or pe * simd <= best[0] * best[1]):
                 best = (pe, simd)
     pe, simd = best or (max(common), max(s for s in common if s <= 32))
     row = (hd // pe) * (d // simd) + (d // pe) * (hd // simd)
