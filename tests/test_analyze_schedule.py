@@ -80,7 +80,9 @@ def test_stretched_profile() -> None:
 def test_command_line_on_a_tiny_config(tmp_path: Path) -> None:
     from finn_flow import analyze_schedule
 
-    fpga_cfg = REPO / "configs" / "fpga" / "m3vit_vit-t-moe16-top2-mg_fpga_nyud-64x80.py"
+    fpga_cfg = (
+        REPO / "configs" / "fpga" / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
+    )
     cfg = tmp_path / "tiny.py"
     cfg.write_text(
         f"_base_ = [{str(fpga_cfg)!r}]\n"

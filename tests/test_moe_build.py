@@ -125,10 +125,15 @@ def test_swap_check_refuses_a_wrong_engine(reordered_build: Path, monkeypatch) -
     from finn_flow.moe_ops import MoESwapError, replace_moe_standins
     from finn_flow.moe_ops.combine import ExpertCombine
 
-    inter = reordered_build / "finn" / "intermediate_models"
-    model = ModelWrapper(str(inter / "step_m3vit_verify_streamlined.onnx"))
+    streamlined = (
+        reordered_build / "finn" / "intermediate_models" / "step_m3vit_verify_streamlined.onnx"
+    )
+
+    def fresh() -> ModelWrapper:  # the swap edits the graph in place
+        return ModelWrapper(str(streamlined))
+
     x = np.load(reordered_build / "input.npy")
-    ok, reports = replace_moe_standins(ModelWrapper(model.model), [x])  # the unmodified swap
+    _, reports = replace_moe_standins(fresh(), [x])  # the unmodified swap
     assert reports[0]["swap_check"]["identical"]
     original = ExpertCombine.execute_node
 
@@ -139,6 +144,6 @@ def test_swap_check_refuses_a_wrong_engine(reordered_build: Path, monkeypatch) -
 
     monkeypatch.setattr(ExpertCombine, "execute_node", off_by_one_lsb)
     with pytest.raises(MoESwapError, match="output .* differs"):
-        replace_moe_standins(ModelWrapper(model.model), [x])
+        replace_moe_standins(fresh(), [x])
     with pytest.raises(MoESwapError, match="expected 2"):
-        replace_moe_standins(ModelWrapper(model.model), [x], expected_layers=2)
+        replace_moe_standins(fresh(), [x], expected_layers=2)

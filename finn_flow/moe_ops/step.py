@@ -57,6 +57,8 @@ def step_m3vit_moe_reordered(model: Any, cfg: Any) -> Any:
         axi_bits=int(getattr(cfg, "moe_axi_bits", 128) or 128),
         fpgapart=str(cfg.fpga_part),
     )
+    if not reports:
+        print("[moe] WARNING: no MoE stand-in region found: the design has no MoE engine")
     out = Path(cfg.output_dir) / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
