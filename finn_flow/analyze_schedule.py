@@ -269,7 +269,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = Config.fromfile(args.config)
     init_default_scope(cfg.get("default_scope", "mmseg"))
-    tasks = list(cfg.model.get("decode_heads") or cfg.model.backbone.get("tasks") or [])
+    from mmseg_m3vit.models.segmentors import model_head_configs
+
+    tasks = list(model_head_configs(cfg.model))  # as the segmentor chooses them
     if args.task not in tasks:
         raise SystemExit(f"analyze_schedule.py: error: unknown task {args.task!r}; valid: {tasks}")
     torch.manual_seed(args.seed)
