@@ -20,7 +20,8 @@ config; the FPGA input size of the config's ``fpga`` section), per MoE layer and
 
 reporting expert-weight bytes from DDR per frame, on-chip expert-weight bytes, cycles
 with and without load/compute overlap (the ``ExpertFFN`` cycle model:
-``finn_flow/moe_ops/schedule.py``; one PE x SIMD MAC array, one AXI port), and the cost
+``finn_flow/moe_ops/schedule.py``; one PE x SIMD MAC array, the same for every schedule
+and every point of the plots, one AXI port), and the cost
 of switching tasks (router weights, plus the head's weights when the head changes).
 The paper's claims are printed beside the measured values.
 
@@ -335,15 +336,16 @@ def analyse(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     axi_bytes = args.axi_bits // 8
     ebytes = expert_image_bytes(d, hd, bits, args.axi_bits)
 
+    t_meas = data["tokens"]
+    # one MAC array for every point (the config's balanced default, or --pe / --simd), so
+    # that the scaling plots compare schedules, not foldings
+    load = args.latency + -(-ebytes // axi_bytes)
+    pe, simd = (args.pe, args.simd) if args.pe else balanced_fold(d, hd, t_meas, k, e, load)
+    row = (hd // pe) * (d // simd) + (d // pe) * (hd // simd)
+
     def costs(tokens: int, experts: int) -> EngineCosts:
-        load = args.latency + -(-ebytes // axi_bytes)
-        pe, simd = (
-            (args.pe, args.simd) if args.pe else balanced_fold(d, hd, tokens, k, experts, load)
-        )
-        row = (hd // pe) * (d // simd) + (d // pe) * (hd // simd)
         return EngineCosts(tokens, experts, k, ebytes, axi_bytes, args.latency, row)
 
-    t_meas = data["tokens"]
     base = costs(t_meas, e)
     measured = {}
     for task in data["tasks"]:
@@ -419,7 +421,13 @@ def analyse(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "input_size": data["input_size"],
         "tokens": t_meas,
         "dims": dims,
-        "engine": {**asdict(base), "load_cycles": base.load_cycles, "clock_MHz": args.clock_mhz},
+        "engine": {
+            **asdict(base),
+            "load_cycles": base.load_cycles,
+            "clock_MHz": args.clock_mhz,
+            "PE": pe,
+            "SIMD": simd,
+        },  # fmt: skip
         "measured": measured,
         "per_frame_all_moe_layers": {
             n: {
