@@ -342,17 +342,18 @@ class ExpertFFN(MoEOp):
         style = self.get_nodeattr("ram_style")
         d, hd = self.dim, self.hidden
         wb = lay.section("w1").bits
-        mems = []
-        for _ in range(2):  # ping and pong
-            mems.append(memory_cost(d * hd // (pe * simd), pe * simd * wb, style, fpgapart))
-            mems.append(memory_cost(d * hd // (pe * simd), pe * simd * wb, style, fpgapart))
-            mems.append(memory_cost(hd // pe, pe * lay.section("b1").bits, "block", fpgapart))
-            mems.append(memory_cost(d // pe, pe * lay.section("b2").bits, "block", fpgapart))
-            n1 = int(self.get_nodeattr("NumThr1"))
-            if int(self.get_nodeattr("thr1PerChannel")):
-                mems.append(
-                    memory_cost(hd * n1 // pe, pe * lay.section("thr1").bits, style, fpgapart)
-                )
+        # W1 and W2 of both buffers share one simple-dual-port memory, PE*SIMD weights
+        # wide: the MAC array reads one word per cycle from one half (fc1 and fc2 of a row
+        # run one after the other) while the DMA writes the other half
+        words = d * hd // (pe * simd)
+        mems = [memory_cost(4 * words, pe * simd * wb, style, fpgapart)]
+        n1 = int(self.get_nodeattr("NumThr1"))
+        mems.append(memory_cost(2 * hd // pe, pe * lay.section("b1").bits, "block", fpgapart))
+        mems.append(memory_cost(2 * d // pe, pe * lay.section("b2").bits, "block", fpgapart))
+        if int(self.get_nodeattr("thr1PerChannel")):
+            mems.append(
+                memory_cost(2 * hd * n1 // pe, pe * lay.section("thr1").bits, style, fpgapart)
+            )
         n1, nh = int(self.get_nodeattr("NumThr1")), int(self.get_nodeattr("NumThrH"))
         if not int(self.get_nodeattr("thr1PerChannel")):
             mems.append(memory_cost(n1, int(self.get_nodeattr("thr1Bits")), "block", fpgapart))
