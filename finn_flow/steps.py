@@ -236,12 +236,21 @@ def step_m3vit_codegen_types(model: ModelWrapper, cfg: M3ViTBuildConfig) -> Mode
     return model
 
 
-def build_steps(mode: str) -> list[Step]:
-    """The explicit step list: FINN's own steps and this flow's, in order."""
+def build_steps(mode: str, moe: str = "reordered") -> list[Step]:
+    """The explicit step list: FINN's own steps and this flow's, in order.
+
+    ``moe``: 'reordered' swaps each MoE stand-in for the expert-by-expert engine
+    (:mod:`finn_flow.moe_ops`) between streamlining and the conversion to HW layers;
+    'standin' keeps the stand-in.
+    """
+    from finn_flow.moe_ops.step import step_m3vit_moe_reordered
+
+    moe_steps: list[Step] = [step_m3vit_moe_reordered] if moe == "reordered" else []
     steps: list[Step] = [
         step_m3vit_qonnx_to_finn,
         step_m3vit_streamline,
         step_m3vit_verify_streamlined,
+        *moe_steps,
         step_m3vit_convert_to_hw,
         step_m3vit_check_hw,
         step_m3vit_verify_hw,
