@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--help`` shows each with its default)."""
     from mmengine.config import Config
 
-    from mmseg_m3vit.engine.cli import add_trust_arg
+    from mmseg_m3vit.utils.cli import add_trust_arg
 
     default_tasks = ", ".join(config_tasks(Config.fromfile(DEFAULT_CONFIG)))
     p = argparse.ArgumentParser(

@@ -1,6 +1,6 @@
 """NYUD-MT and PASCAL-MT data sets on tiny data roots that the tests write themselves.
 
-Each test data root follows the published layouts (M3VIT.md section 5). Expected
+Each test data root follows the published layouts (docs/model.md s. 5). Expected
 values come from the arrays the test wrote, transformed by hand.
 """
 

@@ -2,7 +2,7 @@
 
 One tiny config (D 16, 1 MoE block, 1 head, 4 experts top-2, 8x8 input with 4x4
 patches, PUP heads with 8 channels and num_up=0: conv3x3, conv1x1, nearest x2 and the
-exact final nearest x2 resize, 2x2 -> 8x8) keeps each build under a minute on 2 cores.
+exact final nearest x2 resize, 2x2 -> 8x8) keeps each build short.
 
 Weights: the normals build uses a genuine checkpoint of a 2-iteration ``tools/train.py``
 run on a tiny synthetic NYUD set (also its val split: calibration, verification on 8

@@ -83,6 +83,29 @@ def test_iou_perfect_prediction_and_class_names():
     assert res == {"semseg/mIoU": 100.0, "semseg/aAcc": 100.0, "semseg/mAcc": 100.0}
 
 
+def test_iou_table_lists_the_classes_in_miou_with_names(capsys):
+    """Classes absent from GT and predictions are left out; a class only predicted is
+    listed with IoU 0 and no accuracy; parts names come from ``parts_classes``."""
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_instance("test_iou_table", logger_name="mmengine")
+    gt = np.array([[0, 0], [4, 255]])
+    pred = np.array([[0, 2], [4, 1]])  # class 2 only predicted; 1 under the ignore pixel
+    metric = MultiTaskIoUMetric(task="parts", num_classes=6)
+    metric.dataset_meta = dict(parts_classes=("bg", "head", "torso", "arms", "hands", "legs"))
+    evaluate(metric, [sample(parts=(pred, gt))])
+    out = capsys.readouterr().out
+    table = out[out.index("per-class results (parts, the 3 of 6 classes") :]
+    rows = [line.split("|")[1:5] for line in table.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in row] for row in rows]
+    assert rows == [
+        ["id", "class", "IoU", "Acc"],
+        ["0", "bg", "50.00", "50.00"],
+        ["2", "torso", "0.00", "-"],
+        ["4", "hands", "100.00", "100.00"],
+    ]
+
+
 def test_iou_rejects_bad_labels_and_sizes():
     metric = MultiTaskIoUMetric(task="semseg", num_classes=2)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):

@@ -215,7 +215,7 @@ def test_missing_data_root_fails_before_model_is_built(tmp_path, config, monkeyp
     assert missing in str(err.value) and "train_dataloader.dataset.data_root" in str(err.value)
 
 
-def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> None:
+def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str, capsys) -> None:
     ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
     out = str(tmp_path / "preds.pkl")
     show = str(tmp_path / "show")
@@ -232,6 +232,9 @@ def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> N
     assert len(dumped) == 4  # the 4 val images
     assert "pred_depth_map" in dumped[0] and "pred_sem_seg" not in dumped[0]
     assert len(glob.glob(osp.join(show, "*.png"))) == 4
+    out = capsys.readouterr().out
+    assert "] 4/4," in out and "ETA" in out  # the progress bar over the 4 test images
+    assert "Hooks will be executed" not in out and "FileClient" not in out
 
     # the single-task pathway gives the same depth as the all-task run
     all_metrics = test_tool.main([config, ckpt, "--work-dir", str(tmp_path / "w2")])
@@ -274,7 +277,7 @@ def test_test_tool_with_reordered_tasks_gives_the_same_metrics(
     assert got == pytest.approx(original, rel=1e-6, abs=1e-9)
 
 
-def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
+def test_routing_tool_fractions(tmp_path, config: str, trained: str, capsys) -> None:
     ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
     png = str(tmp_path / "routing.png")
     load = routing_tool.main([config, ckpt, "--task", "semseg", "edge", "--out", png])
@@ -283,6 +286,12 @@ def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
         assert arr.shape == (2, 4)  # 2 MoE layers (blocks 1, 3), 4 experts
         torch.testing.assert_close(torch.from_numpy(arr.sum(1)), torch.full((2,), 2.0).double())
     assert osp.getsize(png) > 0
+    out = capsys.readouterr().out
+    # the progress bar counts the 4 test images, not the --max-images default of 50
+    assert "] 4/4," in out and "/50" not in out
+    assert "top-k = 2 per token" in out and "busiest, share:" in out
+    blocks = [line.split()[2] for line in out.splitlines() if line.startswith("semseg ")]
+    assert blocks == ["1", "3"]
 
 
 def test_demo_trivial_predictors_match_direct_computation(config: str, data_root: str) -> None:

@@ -5,6 +5,9 @@ _base_ = ["mmseg::_base_/default_runtime.py"]
 
 custom_imports = dict(imports=["mmseg_m3vit"], allow_failed_imports=False)
 default_scope = "mmseg"
+# mmengine's runner with a short console log (hook table at DEBUG, environment and config
+# text in the log file only); tools/train.py and tools/test.py build it, as mmseg's do.
+runner_type = "M3ViTRunner"
 
 env_cfg = dict(
     cudnn_benchmark=False,

@@ -197,10 +197,10 @@ def f_measure(counts: np.ndarray) -> np.ndarray:
 class EdgeODSMetric(BaseMetric):
     """ODS and OIS F-measure of edge probability maps (see the module docstring).
 
-    Per image it keeps 4 x ``num_thresholds`` integers. Cost: 0.5-3 s per 480 x 640 image
-    at 99 thresholds on one CPU core (thinning and matching, measured on synthetic maps;
-    thresholds giving the same binary map are computed once), i.e. up to hours for the
-    5105 PASCAL val images: use fewer thresholds (e.g. 19) for validation during training.
+    Per image it keeps 4 x ``num_thresholds`` integers. The cost is one thinning and one
+    matching per threshold (thresholds giving the same binary map are computed once),
+    which adds up over thousands of images: use fewer thresholds (e.g. 19) for validation
+    during training and the full 99 for the final test.
 
     Args:
         task: the task scored (only ``'edge'``; the argument lets every task metric be

@@ -1,4 +1,4 @@
-"""M3ViT backbone: ViT with mixture-of-experts FFNs on every other block (M3VIT.md s. 1).
+"""M3ViT backbone: ViT with mixture-of-experts FFNs on every other block (docs/model.md s. 1).
 
 Parameter names follow the timm ViT layout (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``) so dense

@@ -1,4 +1,4 @@
-"""Training-only cross-task attention module (TAM), an optional ablation (M3VIT.md s. 2).
+"""Training-only cross-task attention module (TAM), an optional ablation (docs/model.md s. 2).
 
 The released M3ViT configs attach TAMs to intermediate PUP-head features. A TAM fuses
 the T tasks' features of one level and predicts every task again from the fused map;

@@ -1,12 +1,34 @@
-"""Command-line pieces shared by ``tools/train.py`` and ``tools/test.py``."""
+"""Command-line pieces shared by the tools: mmseg's runner flags, config loading, the
+metric table."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import os.path as osp
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+from ..tasks import DATASET_TASKS
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows every default (an option without one says in its help what its
+    absence means) and keeps the description's and epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def task_names_help() -> str:
+    """The task names a config may hold, per data set of the task table."""
+    return "; ".join(f"{name}: {' '.join(tasks)}" for name, tasks in DATASET_TASKS.items())
 
 
 def add_trust_arg(parser: argparse.ArgumentParser) -> None:
@@ -22,15 +44,26 @@ def add_trust_arg(parser: argparse.ArgumentParser) -> None:
 def add_runner_args(parser: argparse.ArgumentParser, cfg_options_example: str) -> None:
     """Add mmseg's common flags ``--work-dir --cfg-options --launcher --local_rank`` and
     ``--trust-checkpoint``."""
-    parser.add_argument("--work-dir", help="directory for logs (and checkpoints when training)")
+    parser.add_argument(
+        "--work-dir",
+        help="directory for logs (and checkpoints when training); default: the config's "
+        "work_dir, else ./work_dirs/<config name>",
+    )
     parser.add_argument(
         "--cfg-options",
         nargs="+",
         action=DictAction,
-        help=f"override config settings, e.g. {cfg_options_example}",
+        help=f"override config settings (key=value ...), e.g. {cfg_options_example}",
     )
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    parser.add_argument(
+        "--launcher",
+        choices=["none", "pytorch", "slurm", "mpi"],
+        default="none",
+        help="process launcher ('pytorch' under torchrun, as tools/dist_*.sh do)",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=0, help="set by torch launchers"
+    )
     add_trust_arg(parser)
 
 
@@ -66,6 +99,16 @@ def load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def build_runner(cfg: Config) -> Runner:
+    """The config's runner: ``runner_type`` from mmseg's RUNNERS (as mmseg's tools do),
+    else mmengine's ``Runner``."""
+    if "runner_type" in cfg:
+        from mmseg.registry import RUNNERS
+
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
 def dist_backend(cfg: Config) -> str:
     """The process-group backend for CPU runs: the config's, with NCCL replaced by gloo."""
     backend = cfg.get("env_cfg", {}).get("dist_cfg", {}).get("backend", "nccl")
@@ -79,3 +122,18 @@ def ensure_custom_hooks(cfg: Config, types: list[str]) -> None:
     present = {h.get("type") for h in hooks if isinstance(h, dict)}
     hooks.extend(dict(type=t) for t in types if t not in present)
     cfg.custom_hooks = hooks
+
+
+def format_metric_table(metrics: Mapping[str, Any], digits: int = 4) -> str:
+    """Metrics dict ``{'semseg/mIoU': 41.2, ...}`` -> a plain two-column text table."""
+    if not metrics:
+        return "(no metrics)"
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  {'-' * 10}"]
+    for key, value in metrics.items():
+        if isinstance(value, float | int | np.floating):
+            text = f"{float(value):.{digits}f}"
+        else:
+            text = str(value)
+        lines.append(f"{key.ljust(width)}  {text}")
+    return "\n".join(lines)
