@@ -27,7 +27,7 @@ from mmengine.runner import Runner
 from mmseg.registry import HOOKS, MODELS
 
 import mmseg_m3vit  # noqa: F401  (registers the plugin)
-from mmseg_m3vit.compat import load_checkpoint_file
+from mmseg_m3vit.compat import CheckpointMismatchError, load_checkpoint_file
 from mmseg_m3vit.engine import NonFiniteLossError
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -246,6 +246,35 @@ def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str, caps
         [config, ckpt, "--task", "depth", "--amp", "--work-dir", str(tmp_path / "w3")]
     )
     assert amp_metrics["depth/rmse"] == pytest.approx(metrics["depth/rmse"], rel=0.05)
+
+
+def test_test_tool_loads_strictly(tmp_path, config: str, trained: str) -> None:
+    """A checkpoint of another model size fails naming the keys instead of leaving the MoE
+    layers random and reporting metrics; so does the routing tool."""
+    ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
+    args = [config, ckpt, "--work-dir", str(tmp_path / "w"),
+            "--cfg-options", "model.backbone.num_experts=8"]  # fmt: skip
+    with pytest.raises(CheckpointMismatchError) as err:
+        test_tool.main(args)
+    msg = str(err.value)
+    assert ckpt in msg and "backbone.blocks.1.moe.w1 (4, 32, 16) (model: (8, 32, 16))" in msg
+    with pytest.raises(CheckpointMismatchError):
+        routing_tool.main([config, ckpt, "--cfg-options", "model.backbone.num_experts=8"])
+
+
+def test_test_tool_with_reordered_tasks_gives_the_same_metrics(
+    tmp_path, config: str, trained: str
+) -> None:
+    """Listing the tasks (hence the heads and router rows) in another order must not
+    hand each task another task's router: every metric equals the one of the original
+    order."""
+    ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
+    original = test_tool.main([config, ckpt, "--work-dir", str(tmp_path / "a")])
+    reordered = ["--cfg-options", "model.tasks=[edge,normals,semseg,depth]"]
+    args = test_tool.parse_args([config, ckpt, "--work-dir", str(tmp_path / "b"), *reordered])
+    assert list(test_tool.build_config(args).model.tasks) == ["edge", "normals", "semseg", "depth"]
+    got = test_tool.main([config, ckpt, "--work-dir", str(tmp_path / "b"), *reordered])
+    assert got == pytest.approx(original, rel=1e-6, abs=1e-9)
 
 
 def test_routing_tool_fractions(tmp_path, config: str, trained: str, capsys) -> None:

@@ -6,6 +6,8 @@ Usage::
         [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
         [--trust-checkpoint]
 
+Checkpoints are written only when every parameter, buffer and optimizer-state tensor is
+finite, and resuming is strict (``CheckpointGuardHook``, added when the config lacks it).
 Checkpoints (resumed, pretrained) are unpickled safely unless ``--trust-checkpoint``.
 
 Multi-GPU (or multi-process CPU): ``bash tools/dist_train.sh CONFIG NPROC``.
@@ -30,6 +32,7 @@ from mmseg_m3vit.utils.cli import (  # noqa: E402
     add_runner_args,
     build_runner,
     dist_backend,
+    ensure_custom_hooks,
     load_config,
     parse_runner_args,
 )
@@ -90,6 +93,7 @@ def build_config(args: argparse.Namespace) -> Config:
     check_config_tasks(cfg)
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
     check_pretrained(cfg)  # the runner initialises weights even when resuming
+    ensure_custom_hooks(cfg, ["NonFiniteLossHook", "CheckpointGuardHook"])
     return cfg
 
 

@@ -18,8 +18,9 @@ env_cfg = dict(
 # mmengine's DDP wrapper, also usable for CPU processes (gloo); experts unused in a step
 # receive zero gradients (stacked expert weights), so no unused-parameter search is needed.
 model_wrapper_cfg = dict(type="CPUAwareDistributedDataParallel", find_unused_parameters=False)
-# Stop on a NaN/inf loss (naming task and iteration) before the iteration is saved.
-custom_hooks = [dict(type="NonFiniteLossHook")]
+# Stop on a NaN/inf loss (naming task and iteration) before the iteration is saved;
+# write only finite checkpoints, resume strictly, keep one best checkpoint after a resume.
+custom_hooks = [dict(type="NonFiniteLossHook"), dict(type="CheckpointGuardHook")]
 randomness = dict(seed=0)
 # mmseg's SegTTAModel only merges pred_sem_seg; multi-task TTA is not provided.
 tta_model = None

@@ -115,6 +115,15 @@ def dist_backend(cfg: Config) -> str:
     return "gloo" if backend == "nccl" else backend
 
 
+def ensure_custom_hooks(cfg: Config, types: list[str]) -> None:
+    """Append ``dict(type=T)`` to ``cfg.custom_hooks`` for each hook type not there yet
+    (the plugin's safety hooks stay on when a config replaces ``custom_hooks``)."""
+    hooks = list(cfg.get("custom_hooks") or [])
+    present = {h.get("type") for h in hooks if isinstance(h, dict)}
+    hooks.extend(dict(type=t) for t in types if t not in present)
+    cfg.custom_hooks = hooks
+
+
 def format_metric_table(metrics: Mapping[str, Any], digits: int = 4) -> str:
     """Metrics dict ``{'semseg/mIoU': 41.2, ...}`` -> a plain two-column text table."""
     if not metrics:
