@@ -106,3 +106,14 @@ def test_command_line_on_a_tiny_config(tmp_path: Path) -> None:
     assert sources[(21, 16)] == "modelled" and list(sources.values()).count("measured") == 0
     for name in ("ddr_bytes", "onchip_bytes", "cycles_overlap", "cycles_serial"):
         assert (out / f"schedule_{name}.png").stat().st_size > 1000
+
+
+def test_command_line_refuses_bad_arguments(tmp_path: Path) -> None:
+    from finn_flow import analyze_schedule
+
+    with pytest.raises(SystemExit):
+        analyze_schedule.parse_args(["--checkpoint", str(tmp_path / "none.pth")])
+    with pytest.raises(SystemExit):
+        analyze_schedule.parse_args(["--pe", "2"])
+    with pytest.raises(SystemExit):
+        analyze_schedule.parse_args(["--images", "0"])

@@ -302,3 +302,29 @@ def test_estimates_and_cycles_are_positive() -> None:
                 ids = ref_topk(routing_probs(case), K)
                 routing = np.concatenate([np.array(ids), np.zeros((T, K), int)], 1)[None]
                 assert inst.cycles_for(routing)["cycles"] <= inst.get_exp_cycles()
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, capsys) -> None:
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from finn_flow.moe_ops import MoESwapError, csim, replace_moe_standins
+    from finn_flow.moe_ops.headers import ap_types_dir
+    from finn_flow.moe_ops.step import check_inputs
+    from finn_flow.moe_ops.transform import engine_model
+
+    assert (ap_types_dir() / "hls_stream.h").is_file()
+    assert csim.main(["--build", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert csim.main(["--build", str(tmp_path)]) == 2
+    assert "build.py output folder" in capsys.readouterr().err
+    model = engine_model(make_prm())
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    with pytest.raises(MoESwapError, match=r"shape \(2, 3\), expected"):
+        check_inputs(model, str(tmp_path / "x.npy"))
+    with pytest.raises(MoESwapError, match="does not exist"):
+        check_inputs(model, str(tmp_path / "none.npy"))
+    # a graph without a stand-in: nothing to replace, or an error when some are expected
+    plain = ModelWrapper(model.model)
+    assert replace_moe_standins(plain, [])[1] == []
+    with pytest.raises(MoESwapError, match="found 0 MoE stand-in regions, expected 1"):
+        replace_moe_standins(plain, [], expected_layers=1)

@@ -444,7 +444,7 @@ def _pair_nodes(nodes: list, hw: Any) -> dict[str, Any]:
     for op in MOE_OPS:
         mine = [n for n in nodes if n.op_type == f"{op}_hls"]
         theirs = [n for n in hw.graph.node if n.op_type == op]
-        if len(mine) != len(theirs):
+        if mine and len(mine) != len(theirs):
             raise CsimError(
                 f"{len(mine)} {op}_hls nodes in the design, {len(theirs)} {op} nodes in the "
                 "HW-layer graph"
