@@ -4,16 +4,22 @@ expert, per MoE layer, as a text table and a heat-map PNG.
 Usage::
 
     python tools/analysis_tools/routing.py CONFIG CHECKPOINT [--task T ...]
-        [--split val|test] [--max-images N] [--out routing.png] [--cfg-options ...]
+        [--split val|test] [--max-images N] [--out routing.png] [--json routing.json]
+        [--device cpu|cuda] [--cfg-options ...]
 
 Works for any data set config (NYUD, PASCAL, synthetic); ``--task`` restricts the tasks.
+``--json`` also writes the fractions: ``{"config", "checkpoint", "split", "images",
+"load": {task: [[fraction per expert] per MoE layer]}}`` (each row sums to top-k).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import os.path as osp
 import sys
+import tempfile
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import init_default_scope
@@ -42,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-images", type=int, default=50, help="images to route (0: all)")
     parser.add_argument("--out", default=None, help="PNG path (default: next to the ckpt)")
+    parser.add_argument("--json", default=None, help="also write the fractions to this file")
+    parser.add_argument("--device", default="cpu", help="device to run the model on")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction)
     return parser.parse_args(argv)
 
@@ -63,12 +71,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = MODELS.build(cfg.model)
     load_checkpoint(model, args.checkpoint, map_location="cpu")
+    model.to(args.device)
     loader_cfg = cfg[loader_key].copy()
     loader_cfg.update(batch_size=1, num_workers=0, persistent_workers=False)
     loader = Runner.build_dataloader(loader_cfg)
     max_batches = args.max_images or None
     load = collect_routing(model, loader, tasks, max_batches=max_batches)
     print(routing_summary(load))
+    if args.json:
+        payload = dict(
+            config=osp.basename(args.config),
+            checkpoint=osp.basename(args.checkpoint),
+            split=args.split,
+            images=min(max_batches or len(loader), len(loader)),
+            load={t: a.tolist() for t, a in load.items()},
+        )
+        out_dir = osp.dirname(osp.abspath(args.json))
+        os.makedirs(out_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
     if all(a.size == 0 for a in load.values()):
         print("the backbone has no MoE layers: nothing to plot")
         return load
