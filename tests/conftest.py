@@ -81,8 +81,7 @@ def _write_tiny_config(path: str, data_root: str, extra: str = "") -> str:
     model = dict(
         backbone=dict(img_size=(32, 48), embed_dims=32, num_heads=2, num_experts=4,
                       top_k=2, expert_hidden_dims=16),
-        decode_heads=dict(semseg=dict(channels=8), depth=dict(channels=8),
-                          normals=dict(channels=8), edge=dict(channels=8)),
+        head_template=dict(channels=8),
     )
     train_dataloader = dict(batch_size=2,
                             dataset=dict(data_root=data_root, pipeline=pipeline))
@@ -90,19 +89,7 @@ def _write_tiny_config(path: str, data_root: str, extra: str = "") -> str:
                           dataset=dict(data_root=data_root, pipeline=test_pipeline))
     test_dataloader = dict(batch_size=2,
                            dataset=dict(data_root=data_root, pipeline=test_pipeline))
-    val_evaluator = [
-        dict(
-            type='MultiTaskDeltaMetric',
-            dataset='nyud',
-            delta_tasks=['semseg', 'depth', 'normals'],
-            metrics=dict(
-                semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
-                depth=dict(type='DepthErrorMetric'),
-                normals=dict(type='NormalsAngleMetric'),
-                edge=dict(type='EdgeODSMetric', num_thresholds=5),
-            ),
-        )
-    ]
+    val_evaluator = dict(task_metrics=dict(edge=dict(num_thresholds=5)))
     test_evaluator = val_evaluator
     param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0,
                             end={TINY_MAX_ITERS}, by_epoch=False)]
