@@ -51,7 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python finn_flow/build.py` from a checkout
     sys.path.insert(0, str(REPO))
 
-DEFAULT_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t-moe16-top2-mg_fpga_nyud-64x80.py"
+DEFAULT_CONFIG = (
+    REPO / "configs" / "fpga" / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
+)
 FOLDING_DIR = REPO / "finn_flow" / "folding"
 
 #: Boards this flow knows: FPGA part and capacity (for utilisation figures).
@@ -139,10 +141,10 @@ def load_config(path: str) -> Any:
 
 
 def config_tasks(cfg: Any) -> list[str]:
-    """Tasks of the configured model (the keys of ``model.decode_heads``)."""
-    heads = cfg.model.get("decode_heads") or {}
-    tasks = list(heads) or list(cfg.model.backbone.get("tasks") or [])
-    return tasks
+    """Tasks of the configured model, chosen as the segmentor chooses them."""
+    from mmseg_m3vit.models.segmentors import model_head_configs
+
+    return list(model_head_configs(cfg.model))
 
 
 def check_inputs(args: argparse.Namespace, cfg: Any) -> Path:
@@ -215,8 +217,9 @@ def build_float_head(cfg: Any, task: str, embed_dims: int, checkpoint: str | Non
     import torch
     from mmseg.registry import MODELS
 
-    hcfg = dict(cfg.model.decode_heads[task])
-    hcfg.setdefault("task", task)
+    from mmseg_m3vit.models.segmentors import model_head_configs
+
+    hcfg = model_head_configs(cfg.model)[task]
     hcfg.setdefault("in_channels", embed_dims)
     head = MODELS.build(hcfg).eval()
     if checkpoint is not None:

@@ -53,27 +53,28 @@ def resolve_data_root(root: str | Path) -> Path:
 def task_metric_config(cfg: Any, task: str) -> dict:
     """The metric config of ``task`` inside ``cfg.val_evaluator``.
 
-    ``val_evaluator`` is a one-element list holding a ``MultiTaskDeltaMetric`` whose
-    ``metrics`` dict has one metric config per task (configs/_base_/datasets/nyud_mt.py);
-    a bare dict or a list of per-task metrics (each with a ``task`` key, or a metric type
-    for this task only) is accepted too.
+    ``val_evaluator`` is a ``MultiTaskDeltaMetric`` whose ``task_metrics`` dict has one
+    metric config per task (configs/_base_/datasets/nyud_mt.py); a list of them, or of
+    per-task metrics (each with a ``task`` key), is accepted too.
 
     Raises:
         ValDataError: no metric for ``task`` (naming ``val_evaluator`` and what it holds).
     """
+    from mmseg_m3vit.evaluation.metrics import task_metric_configs
+
     evaluator = cfg.get("val_evaluator")
     if evaluator is None:
         raise ValDataError("config has no 'val_evaluator' (needed for the task's val metric)")
     entries = list(evaluator) if isinstance(evaluator, list | tuple) else [evaluator]
     for entry in entries:
-        metrics = entry.get("metrics")
+        metrics = entry.get("task_metrics")
         if isinstance(metrics, dict) and task in metrics:
-            return dict(metrics[task])
+            return task_metric_configs(metrics, [task])[task]
         if entry.get("task") == task:
             return dict(entry)
     raise ValDataError(
         f"config key val_evaluator has no metric for task {task!r} "
-        f"(expected val_evaluator[0].metrics.{task}; found {entries})"
+        f"(expected val_evaluator.task_metrics.{task}; found {entries})"
     )
 
 
@@ -131,9 +132,9 @@ def build_post_head(cfg: Any, task: str, in_channels: int | None = None) -> Any:
     from mmseg.registry import MODELS
 
     import mmseg_m3vit  # noqa: F401
+    from mmseg_m3vit.models.segmentors import model_head_configs
 
-    hcfg = dict(cfg.model.decode_heads[task])
-    hcfg.setdefault("task", task)
+    hcfg = model_head_configs(cfg.model)[task]
     hcfg.setdefault("in_channels", in_channels or cfg.model.backbone.get("embed_dims", 384))
     return MODELS.build(hcfg).eval()
 
@@ -171,7 +172,7 @@ def evaluate_val_metric(
     Args:
         cfg: mmengine config with ``val_dataloader.dataset``, ``val_evaluator`` and
             ``model.data_preprocessor`` / ``model.decode_heads[task]``.
-        task: task name (key of ``val_evaluator[0].metrics``).
+        task: task name (key of ``val_evaluator.task_metrics``).
         float_logits_fn / quant_logits_fn: normalised image (1, 3, H, W) float32 ->
             logits (1, C, h, w) NCHW (called under ``torch.no_grad()``).
         size: (H, W) in pixels of the FPGA input frame; every preprocessed val image is

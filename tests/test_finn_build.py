@@ -17,7 +17,7 @@ import pytest
 pytestmark = [pytest.mark.finn, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-FPGA_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t-moe16-top2-mg_fpga_nyud-64x80.py"
+FPGA_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
 NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
 
 TINY = f"""

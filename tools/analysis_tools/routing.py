@@ -5,7 +5,7 @@ Usage::
 
     python tools/analysis_tools/routing.py CONFIG CHECKPOINT [--task T ...]
         [--split val|test] [--max-images N] [--out routing.png] [--json routing.json]
-        [--device cpu|cuda] [--cfg-options ...]
+        [--device cpu|cuda] [--cfg-options ...] [--trust-checkpoint]
 
 Works for any data set config (NYUD, PASCAL, synthetic); ``--task`` restricts the tasks.
 ``--json`` also writes the fractions: ``{"config", "checkpoint", "split", "images",
@@ -23,12 +23,14 @@ import tempfile
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import init_default_scope
-from mmengine.runner import Runner, load_checkpoint
+from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import mmseg_m3vit  # noqa: E402, F401
+from mmseg_m3vit.compat import load_model_checkpoint, trusted_checkpoints  # noqa: E402
 from mmseg_m3vit.engine import check_config_tasks, check_data_roots, config_tasks  # noqa: E402
+from mmseg_m3vit.engine.cli import add_trust_arg  # noqa: E402
 from mmseg_m3vit.engine.routing import (  # noqa: E402
     collect_routing,
     plot_routing,
@@ -51,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the fractions to this file")
     parser.add_argument("--device", default="cpu", help="device to run the model on")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction)
+    add_trust_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     from mmseg.registry import MODELS
 
     model = MODELS.build(cfg.model)
-    load_checkpoint(model, args.checkpoint, map_location="cpu")
+    with trusted_checkpoints(args.trust_checkpoint):
+        load_model_checkpoint(model, args.checkpoint)
     model.to(args.device)
     loader_cfg = cfg[loader_key].copy()
     loader_cfg.update(batch_size=1, num_workers=0, persistent_workers=False)

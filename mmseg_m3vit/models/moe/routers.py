@@ -20,6 +20,9 @@ class MultiGateRouter(nn.Module):
     A mixed-task batch gathers each sample's task matrix (no loop over tasks).
     """
 
+    #: parameters indexed by task, and the axis (task names travel with the backbone)
+    TASK_AXES = {"weight": 0}
+
     def __init__(self, dim: int, num_experts: int, num_tasks: int) -> None:
         super().__init__()
         if num_tasks < 1:
@@ -41,6 +44,9 @@ class TaskConditionedRouter(nn.Module):
     ``task_embed_dims``, M3VIT.md: one_hot -> g -> g, GELU, LayerNorm). The gate is
     ``Linear(D + g, E, bias=False)``.
     """
+
+    #: the task MLP's first layer takes the one-hot task: its input axis is the task
+    TASK_AXES = {"task_mlp.0.weight": 1}
 
     def __init__(
         self, dim: int, num_experts: int, num_tasks: int, task_embed_dims: int = 64
@@ -74,6 +80,8 @@ class TaskConditionedRouter(nn.Module):
 
 class SharedRouter(nn.Module):
     """One ``Linear(D, E, bias=False)`` shared by all tasks; ignores ``task_ids``."""
+
+    TASK_AXES: dict[str, int] = {}
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__()
