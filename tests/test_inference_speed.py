@@ -70,3 +70,15 @@ def test_random_weights_payload(tmp_path) -> None:
         assert set(row) == {"semseg", "depth", "all"} and all(v > 0 for v in row.values())
     with pytest.raises(SystemExit):
         speed.main(["--config", str(tiny), "--batch", "0"])
+
+
+def test_refuses_a_harmful_checkpoint(harmful_checkpoint, tmp_path) -> None:
+    from mmseg_m3vit.compat.checkpoint import UntrustedCheckpointError
+
+    path, marker = harmful_checkpoint
+    (cfg,) = glob.glob(osp.join(ROOT, "configs", "comparison", "*-mg_*.py"))
+    with pytest.raises(UntrustedCheckpointError):
+        speed.main(
+            ["--config", cfg, "--checkpoint", str(path), "--random-input", "--device", "cpu"]
+        )
+    assert not marker.exists()

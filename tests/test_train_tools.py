@@ -248,12 +248,20 @@ def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> N
 def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
     ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
     png = str(tmp_path / "routing.png")
-    load = routing_tool.main([config, ckpt, "--task", "semseg", "edge", "--out", png])
+    js = str(tmp_path / "routing.json")
+    load = routing_tool.main(
+        [config, ckpt, "--task", "semseg", "edge", "--out", png, "--json", js, "--max-images", "3"]
+    )
     assert set(load) == {"semseg", "edge"}
     for arr in load.values():
         assert arr.shape == (2, 4)  # 2 MoE layers (blocks 1, 3), 4 experts
         torch.testing.assert_close(torch.from_numpy(arr.sum(1)), torch.full((2,), 2.0).double())
     assert osp.getsize(png) > 0
+    import json
+
+    payload = json.load(open(js))
+    assert payload["images"] == 3 and payload["split"] == "test"
+    assert payload["load"] == {t: a.tolist() for t, a in load.items()}
 
 
 def test_demo_trivial_predictors_match_direct_computation(config: str, data_root: str) -> None:

@@ -3,7 +3,8 @@
 Usage::
 
     python tools/analysis_tools/inference_speed.py --work-dirs DIR [DIR ...]
-        [--batch 1 16] [--reps 30] [--warmup 10] [--amp] [--device cuda|cpu]
+        [--batch 1 16] [--reps 30] [--warmup 10] [--no-amp] [--device cuda|cpu]
+        [--trust-checkpoint]
     python tools/analysis_tools/inference_speed.py --config CONFIG [--checkpoint CKPT]
         [--json OUT] ...
 
@@ -44,6 +45,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+import mmseg_m3vit  # noqa: E402, F401  (registers the plugin)
+from mmseg_m3vit.engine.cli import add_trust_arg  # noqa: E402
 
 RESULT_FILE = "inference_speed.json"
 
@@ -100,13 +104,12 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int, reps: int) -> fl
     return statistics.median(times)
 
 
-def _build(config: str, checkpoint: str | None, device: str):
+def _build(config: str, checkpoint: str | None, device: str, trust: bool = False):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
     from mmseg.registry import MODELS
 
-    import mmseg_m3vit  # noqa: F401  (registers the plugin)
+    from mmseg_m3vit.compat import load_model_checkpoint, trusted_checkpoints
 
     cfg = Config.fromfile(config)
     init_default_scope(cfg.get("default_scope", "mmseg"))
@@ -114,7 +117,8 @@ def _build(config: str, checkpoint: str | None, device: str):
     model_cfg["backbone"]["pretrained"] = None
     model = MODELS.build(model_cfg)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, map_location="cpu", strict=True, logger="silent")
+        with trusted_checkpoints(trust):
+            load_model_checkpoint(model, checkpoint)
     return cfg, model.to(device).eval()
 
 
@@ -144,12 +148,14 @@ def measure(
     warmup: int = 10,
     reps: int = 30,
     random_input: bool = False,
+    trust: bool = False,
 ) -> dict:
-    """Time the model of ``config`` (weights from ``checkpoint``; random when None).
+    """Time the model of ``config`` (weights from ``checkpoint``; random when None;
+    ``trust``: unpickle it without the safe allow-list).
 
     Returns the JSON payload described in the module docstring.
     """
-    cfg, model = _build(config, checkpoint, device)
+    cfg, model = _build(config, checkpoint, device, trust)
     tasks = list(model.tasks)
     x_all = _inputs(cfg, model, max(batch_sizes), random_input, device)
     use_amp = amp and device.startswith("cuda")
@@ -211,6 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-amp", action="store_true", help="float32 instead of bf16 autocast")
     p.add_argument("--random-input", action="store_true", help="random images, no data set")
+    add_trust_arg(p)
     args = p.parse_args(argv)
     if any(b < 1 for b in args.batch):
         p.error(f"--batch sizes must be >= 1, got {args.batch}")
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             warmup=args.warmup,
             reps=args.reps,
             random_input=args.random_input,
+            trust=args.trust_checkpoint,
         )
         rows = ", ".join(
             f"b{b}: " + " ".join(f"{k} {v:.3f}" for k, v in row.items())
