@@ -60,14 +60,12 @@ def tiny(base: str, path: str) -> str:
     The MoE keeps the real configs' proportions: top-2 of experts with hidden 64 is the
     active size of the dense MLP (32 x ratio 4 = 128), and four experts hold twice its
     parameters."""
-    heads = Config.fromfile(base).model.decode_heads
-    head_text = ", ".join(f"{t}=dict(channels=8)" for t in heads)
     with open(path, "w") as f:
         f.write(
             f"_base_ = [{base!r}]\n"
             "model = dict(backbone=dict(img_size=(32, 48), embed_dims=32, num_layers=4,\n"
             "    num_heads=2, num_experts=4, top_k=2, expert_hidden_dims=64),\n"
-            f"    decode_heads=dict({head_text}))\n"
+            "    head_template=dict(channels=8))\n"
         )
     return path
 
@@ -186,7 +184,7 @@ def test_params_and_macs_match_flops_tool(study: dict) -> None:
         model = MODELS.build(cfg.model)
         assert rows[label]["params"] == sum(p.numel() for p in model.parameters())
         counts = flops_tool.main([study["cfgs"][kind]])["rows"]
-        tasks = list(cfg.model.decode_heads)
+        tasks = list(cfg.model.tasks)
         single = sum(counts[t]["total"] for t in tasks) / len(tasks)
         assert rows[label]["macs_single"] == pytest.approx(single)
         all_row = counts["all"] if len(tasks) > 1 else counts[tasks[0]]

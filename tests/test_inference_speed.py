@@ -57,7 +57,7 @@ def test_random_weights_payload(tmp_path) -> None:
         f"_base_ = [{cfg!r}]\n"
         "model = dict(backbone=dict(img_size=(32, 48), embed_dims=32, num_layers=2,\n"
         "    num_heads=2, num_experts=4, top_k=2, expert_hidden_dims=64),\n"
-        "    decode_heads=dict(semseg=dict(channels=8), depth=dict(channels=8)))\n"
+        "    head_template=dict(channels=8))\n"
     )
     out = str(tmp_path / "speed.json")
     args = ["--config", str(tiny), "--random-input", "--device", "cpu", "--batch", "1", "3"]

@@ -84,9 +84,7 @@ def test_derive_config(tmp_path) -> None:
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
         assert cfg[key].dataset.data_root == "/data/x"
     assert cfg.train_cfg.max_iters == 600 and cfg.param_scheduler[-1].end == 600
-    # the dump sorts decode_heads; the backbone keeps the config's task order
-    assert cfg.model.backbone.tasks == ["semseg", "depth"]
-    assert list(cfg.model.decode_heads) == ["depth", "semseg"]
+    assert cfg.model.tasks == ["semseg", "depth"]  # a list: the dump keeps its order
     probe = Config.fromfile(rc.derive_config(rc.Run("p", MG, 0), str(tmp_path), 5, None, True))
     assert probe.param_scheduler is None
     assert probe.train_cfg.val_begin > probe.train_cfg.max_iters >= 10**6
@@ -138,14 +136,13 @@ def test_pack_keeps_small_result_files_only(tmp_path) -> None:
 
 def tiny_config(base: str, path: str, data_root: str) -> str:
     """``base`` at toy size: 32x48 images, a 4-block D-32 backbone, 4 iterations."""
-    heads = ", ".join(f"{t}=dict(channels=8)" for t in Config.fromfile(base).model.decode_heads)
     text = f"""
 _base_ = [{base!r}]
 crop_size = (32, 48)
 model = dict(
     backbone=dict(img_size=crop_size, embed_dims=32, num_layers=4, num_heads=2,
                   num_experts=4, top_k=2, expert_hidden_dims=64),
-    decode_heads=dict({heads}))
+    head_template=dict(channels=8))
 train_pipeline = [
     dict(type="LoadImageFromFile"), dict(type="LoadMultiTaskAnnotations"),
     dict(type="RandomChoiceResize", scales=[(48, 32), (58, 38)], keep_ratio=True),

@@ -1,20 +1,11 @@
-# Comparison study: dense ViT-S/16 single-task model for semseg, the Δm reference;
-# everything else as the dense multi-task config.
+# Comparison study: dense ViT-S/16 trained on semseg alone, the single-task reference of
+# Δm; everything else as the dense multi-task config.
 _base_ = ["./vit-s16-dense_1xb16-1k_synthnyud2task-240x320.py"]
 
 tasks = ["semseg"]
-model = dict(
-    decode_heads=dict(_delete_=True, semseg={{_base_.model.decode_heads.semseg}}),
-    loss_weights=dict(_delete_=True, semseg=1.0),
-)
+model = dict(tasks=tasks)
 train_dataloader = dict(dataset=dict(tasks=tasks))
 val_dataloader = dict(dataset=dict(tasks=tasks))
 test_dataloader = dict(dataset=dict(tasks=tasks))
-val_evaluator = [
-    dict(
-        type="MultiTaskDeltaMetric",
-        dataset="nyud",
-        metrics=dict(semseg=dict(type="MultiTaskIoUMetric", task="semseg", num_classes=40)),
-    )
-]
+val_evaluator = dict(tasks=tasks)
 test_evaluator = val_evaluator

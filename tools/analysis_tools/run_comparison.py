@@ -183,11 +183,6 @@ def derive_config(
     if data_root is not None:
         set_data_root(cfg, data_root)
     cfg.randomness = dict(cfg.get("randomness") or {}, seed=run.seed)
-    # Config.dump sorts dict keys, decode_heads included; the backbone's task list (which
-    # fixes the router / task-embedding index of every task) keeps the config's order,
-    # so checkpoints of the derived config load into the original one.
-    if not cfg.model.backbone.get("tasks"):
-        cfg.model.backbone.tasks = list(cfg.model.decode_heads)
     path = osp.join(out_dir, run.name, osp.basename(run.config))
     os.makedirs(osp.dirname(path), exist_ok=True)
     cfg.dump(path)
