@@ -93,6 +93,8 @@ def make_run(
     if routing is not None:
         with open(osp.join(wd, "routing.json"), "w") as f:
             json.dump({"load": routing}, f)
+        with open(osp.join(wd, "routing_init.json"), "w") as f:  # identical tasks
+            json.dump({"load": {t: routing["semseg"] for t in routing}}, f)
     if speed is not None:
         with open(osp.join(wd, "inference_speed.json"), "w") as f:
             json.dump({"device": "test device", "ms_per_image": speed}, f)
@@ -152,6 +154,7 @@ def test_table_numbers_by_hand(study: dict) -> None:
     assert mg["routing"]["divergence"]["per_layer"] == pytest.approx([1.0, 0.0])
     assert mg["routing"]["divergence"]["mean"] == pytest.approx(0.5)
     assert mg["routing"]["top_k"] == pytest.approx(2.0)
+    assert mg["routing"]["divergence_init"]["per_layer"] == pytest.approx([0.0, 0.0])
     assert mg["routing"]["experts_used"] == pytest.approx({"semseg": 3.0, "depth": 3.0})
 
     dense = rows["dense ViT, multi-task"]
@@ -165,7 +168,7 @@ def test_table_numbers_by_hand(study: dict) -> None:
     assert "| 3.000 | 0.600 |" in line
     assert "| dense ViT, single-task depth | 0 |  | 0.500 | reference |" in text
     assert "Not tested (no test metrics): dense_s1" in text
-    assert "| 0.500 (1.00, 0.00) | semseg 3.0, depth 3.0 |" in text
+    assert "| 0.500 (1.00, 0.00) | 0.000 (0.00, 0.00) | semseg 3.0, depth 3.0 |" in text
     assert osp.getsize(osp.join(figs, "routing_m3vit-multi-gate-multi-task.png")) > 0
 
 

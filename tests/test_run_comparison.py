@@ -196,6 +196,9 @@ def test_study_end_to_end_on_cpu(tmp_path) -> None:
     status = json.load(open(osp.join(work, "status.json")))
     assert {n: r["state"] for n, r in status["runs"].items()} == dict.fromkeys(cfgs, "done")
     assert status["runs"]["mg"]["seed"] == 1 and status["runs"]["mg"]["routing"] == 0
+    assert status["runs"]["mg"]["routing_init"] == 0
+    init = json.load(open(osp.join(work, "mg", "routing_init.json")))
+    assert init["checkpoint"] is None and init["init_seed"] == 1
     for name in cfgs:
         assert osp.isfile(osp.join(work, name, "iter_3.pth"))
         (metrics,) = glob.glob(osp.join(work, name, "test", "*", "*.json"))

@@ -262,6 +262,16 @@ def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
     payload = json.load(open(js))
     assert payload["images"] == 3 and payload["split"] == "test"
     assert payload["load"] == {t: a.tolist() for t, a in load.items()}
+    # without a checkpoint: the randomly initialised model, the same for the same seed
+    args = [config, "--json", js, "--out", png, "--max-images", "2", "--init-seed", "3"]
+    first = routing_tool.main(args)
+    assert json.load(open(js))["checkpoint"] is None
+    again = routing_tool.main(args)
+    for t in first:
+        assert (first[t] == again[t]).all()
+        torch.testing.assert_close(
+            torch.from_numpy(first[t].sum(1)), torch.full((2,), 2.0).double()
+        )
 
 
 def test_demo_trivial_predictors_match_direct_computation(config: str, data_root: str) -> None:

@@ -11,8 +11,8 @@ A work directory is one training run of ``tools/train.py``. Read from it:
 - the config dump, the one ``*.py`` file at its top (``tools/train.py`` writes it);
 - the test metrics: the newest ``test/<time>/<time>.json`` (``tools/test.py CONFIG CKPT
   --work-dir <work_dir>/test``); a run without them is listed as not tested;
-- optionally ``routing.json`` (``routing.py --json``) and ``inference_speed.json``
-  (``inference_speed.py``).
+- optionally ``routing.json`` (``routing.py --json``), ``routing_init.json`` (the same
+  without a checkpoint) and ``inference_speed.json`` (``inference_speed.py``).
 
 ``--root`` takes every subdirectory holding a config dump. Runs whose configs differ
 only in ``randomness.seed`` form one row: mean ± half the range over the seeds (for two
@@ -37,7 +37,10 @@ Routing, for every MoE row (its first seed): a heat map per task of the fraction
 tokens sent to each expert in each MoE layer (``routing_<row>.png`` in ``--figure-dir``)
 and the task divergence, the mean over MoE layers of the total-variation distance
 ``1/2 Σ_e |p_a(e) - p_b(e)|`` between two tasks' expert distributions ``p = load / k``
-(0: the tasks use the experts identically, 1: disjoint experts), averaged over task pairs.
+(0: the tasks use the experts identically, 1: disjoint experts), averaged over task pairs;
+beside it the same for the randomly initialised model (``routing_init.json``, written by
+``routing.py CONFIG --init-seed S``), since independent random task routers already send
+the tasks to different experts.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class RunInfo:
     label: str
     metrics: dict[str, float] | None
     routing: dict | None = None
+    routing_init: dict | None = None
     speed: dict | None = None
 
 
@@ -166,9 +170,11 @@ def load_run(work_dir: str) -> RunInfo:
         raise FileNotFoundError(f"work dir {work_dir!r} holds no config dump (*.py)")
     cfg = Config.fromfile(path)
     seed = (cfg.get("randomness") or {}).get("seed")
-    routing = speed = None
+    routing = routing_init = speed = None
     if osp.isfile(osp.join(work_dir, "routing.json")):
         routing = read_json(osp.join(work_dir, "routing.json"))
+    if osp.isfile(osp.join(work_dir, "routing_init.json")):
+        routing_init = read_json(osp.join(work_dir, "routing_init.json"))
     if osp.isfile(osp.join(work_dir, "inference_speed.json")):
         speed = read_json(osp.join(work_dir, "inference_speed.json"))
     return RunInfo(
@@ -181,6 +187,7 @@ def load_run(work_dir: str) -> RunInfo:
         label=model_label(cfg),
         metrics=test_metrics(work_dir),
         routing=routing,
+        routing_init=routing_init,
         speed=speed,
     )
 
@@ -360,6 +367,12 @@ def compute(
                 "divergence": task_divergence(load),
                 "experts_used": {t: experts_used(a, k) for t, a in load.items()},
             }
+            init = next((r.routing_init for r in row.runs if r.routing_init), None)
+            if init is not None:
+                st["routing"]["divergence_init"] = task_divergence(init["load"])
+                st["routing"]["experts_used_init"] = {
+                    t: experts_used(a, k) for t, a in init["load"].items()
+                }
         row.stats = st
     return refs
 
@@ -425,20 +438,23 @@ def format_routing(rows: Sequence[Row], figures: Mapping[str, str]) -> str:
         return ""
     lines = [
         "| model (seed) | task divergence, mean over MoE layers (per layer) "
-        "| experts used per layer (> 1 % of slots) | figure |",
-        "|---|---|---|---|",
+        "| at random initialisation | experts used per layer (> 1 % of slots) | figure |",
+        "|---|---|---|---|---|",
     ]
+
+    def div_text(div: dict | None) -> str:
+        if div is None:
+            return ""
+        if div["mean"] is None:
+            return "one task"
+        return f"{div['mean']:.3f} ({', '.join(f'{v:.2f}' for v in div['per_layer'])})"
+
     for row in routed:
         rt = row.stats["routing"]
-        div = rt["divergence"]
-        div_text = (
-            f"{div['mean']:.3f} ({', '.join(f'{v:.2f}' for v in div['per_layer'])})"
-            if div["mean"] is not None
-            else "one task"
-        )
         used = ", ".join(f"{t} {v:.1f}" for t, v in rt["experts_used"].items())
-        fig = figures.get(row.label, "")
-        lines.append(f"| {row.label} ({rt['seed']}) | {div_text} | {used} | {osp.basename(fig)} |")
+        fig = osp.basename(figures.get(row.label, ""))
+        trained, init = div_text(rt["divergence"]), div_text(rt.get("divergence_init"))
+        lines.append(f"| {row.label} ({rt['seed']}) | {trained} | {init} | {used} | {fig} |")
     return "\n".join(lines)
 
 

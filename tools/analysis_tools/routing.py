@@ -3,11 +3,13 @@ expert, per MoE layer, as a text table and a heat-map PNG.
 
 Usage::
 
-    python tools/analysis_tools/routing.py CONFIG CHECKPOINT [--task T ...]
+    python tools/analysis_tools/routing.py CONFIG [CHECKPOINT | --init-seed S] [--task T ...]
         [--split val|test] [--max-images N] [--out routing.png] [--json routing.json]
         [--device cpu|cuda] [--cfg-options ...] [--trust-checkpoint]
 
 Works for any data set config (NYUD, PASCAL, synthetic); ``--task`` restricts the tasks.
+Without a checkpoint the model is randomly initialised (``--init-seed``): the routing a
+trained model starts from, to tell learnt task specialisation from random routers.
 ``--json`` also writes the fractions: ``{"config", "checkpoint", "split", "images",
 "load": {task: [[fraction per expert] per MoE layer]}}`` (each row sums to top-k).
 """
@@ -43,7 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the routing tool."""
     parser = argparse.ArgumentParser(description="Per-task expert routing statistics")
     parser.add_argument("config")
-    parser.add_argument("checkpoint")
+    parser.add_argument(
+        "checkpoint", nargs="?", default=None, help="omit: a randomly initialised model"
+    )
+    parser.add_argument(
+        "--init-seed", type=int, default=0, help="seed of the random initialisation (no ckpt)"
+    )
     parser.add_argument("--task", nargs="+", default=None, help="tasks (default: all)")
     parser.add_argument(
         "--split", choices=["val", "test"], default="test", help="which dataloader to use"
@@ -67,14 +74,23 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = check_tasks(args.task or config_tasks(cfg), config_tasks(cfg), what="--task")
     loader_key = f"{args.split}_dataloader"
     check_data_roots(cfg, (loader_key,))
-    if not osp.isfile(args.checkpoint):
+    if args.checkpoint is not None and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
     init_default_scope(cfg.get("default_scope", "mmseg"))
     from mmseg.registry import MODELS
 
-    model = MODELS.build(cfg.model)
-    with trusted_checkpoints(args.trust_checkpoint):
-        load_model_checkpoint(model, args.checkpoint)
+    if args.checkpoint is None:  # the untrained model, as training starts from it
+        from mmengine.runner import set_random_seed
+
+        set_random_seed(args.init_seed)
+        cfg.model.backbone.pretrained = None
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        print(f"random initialisation (seed {args.init_seed}), no checkpoint")
+    else:
+        model = MODELS.build(cfg.model)
+        with trusted_checkpoints(args.trust_checkpoint):
+            load_model_checkpoint(model, args.checkpoint)
     model.to(args.device)
     loader_cfg = cfg[loader_key].copy()
     loader_cfg.update(batch_size=1, num_workers=0, persistent_workers=False)
@@ -85,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         payload = dict(
             config=osp.basename(args.config),
-            checkpoint=osp.basename(args.checkpoint),
+            checkpoint=osp.basename(args.checkpoint) if args.checkpoint else None,
+            init_seed=None if args.checkpoint else args.init_seed,
             split=args.split,
             images=min(max_batches or len(loader), len(loader)),
             load={t: a.tolist() for t, a in load.items()},
@@ -100,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     if all(a.size == 0 for a in load.values()):
         print("the backbone has no MoE layers: nothing to plot")
         return load
+    if args.out is None and args.checkpoint is None:
+        raise ValueError("--out is needed without a checkpoint (the PNG goes next to it)")
     out = args.out or osp.join(osp.dirname(osp.abspath(args.checkpoint)), "routing.png")
     plot_routing(load, out, title=f"{osp.basename(args.config)} ({args.split})")
     print(f"saved {out}")

@@ -37,7 +37,8 @@ Phases; re-running the same command resumes, each phase skipping what is done:
    command resumes it).
 4. test: ``tools/test.py --amp`` on the test split with each run's best checkpoint
    (selected on the held-out val split during training), all runs at once.
-5. routing: ``routing.py --json`` on the test split for every MoE model.
+5. routing: ``routing.py --json`` on the test split for every MoE model, and for the
+   first seed of every MoE config also at random initialisation (``routing_init.json``).
 6. speed: ``inference_speed.py`` on the first seed of every config, one model at a time
    after everything else has finished.
 7. table: ``compare_runs.py`` -> ``<work root>/comparison.md`` and routing figures.
@@ -593,6 +594,14 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--split", "test", "--max-images", "0", "--device", device]
             cmd += ["--json", osp.join(wd, "routing.json"), "--out", osp.join(wd, "routing.png")]
             procs["routing " + run.name] = launch(cmd, osp.join(wd, "routing.log"))
+        first = next(r for r in runs if r.config == run.config)
+        init_json = osp.join(wd, "routing_init.json")
+        if first is run and is_moe(configs[run.name]) and not osp.isfile(init_json):
+            cmd = [py, "tools/analysis_tools/routing.py", configs[run.name]]
+            cmd += ["--init-seed", str(run.seed), "--split", "test", "--max-images", "0"]
+            cmd += ["--device", device, "--json", init_json]
+            cmd += ["--out", osp.join(wd, "routing_init.png")]
+            procs["routing_init " + run.name] = launch(cmd, osp.join(wd, "routing_init.log"))
     codes = wait_all(procs, deadline - 15 if deadline else None, "eval")
     for key, code in codes.items():
         what, name = key.split(" ", 1)
@@ -644,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = (
         len(done_runs) == len(runs)
         and all(
-            status["runs"][r.name].get(k, 0) == 0 for r in done_runs for k in ("test", "routing")
+            status["runs"][r.name].get(k, 0) == 0
+            for r in done_runs
+            for k in ("test", "routing", "routing_init")
         )
         and status.get("speed", 0) == 0
         and status.get("table", 0) == 0
