@@ -116,11 +116,11 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("study")
     cfgs = {
         kind: tiny(comparison_config(kind), str(tmp / f"{kind}.py"))
-        for kind in ("-mg_", "dense_1xb16-1k_synthnyud2task", "semseg", "synthnyud-depth")
+        for kind in ("-mg_", "dense_1xb16-1250it_synthnyud2task", "semseg", "synthnyud-depth")
     }
     root = str(tmp / "runs")
     os.makedirs(root)
-    mg, dense = cfgs["-mg_"], cfgs["dense_1xb16-1k_synthnyud2task"]
+    mg, dense = cfgs["-mg_"], cfgs["dense_1xb16-1250it_synthnyud2task"]
     make_run(root, "mg_s0", mg, 0, {"semseg/mIoU": 40.0, "depth/rmse": 0.50}, ROUTING, SPEED)
     make_run(root, "mg_s1", mg, 1, {"semseg/mIoU": 44.0, "depth/rmse": 0.60})
     make_run(root, "dense_s0", dense, 0, {"semseg/mIoU": 38.0, "depth/rmse": 0.55})

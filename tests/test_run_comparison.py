@@ -54,12 +54,12 @@ def test_parse_run() -> None:
 
 def test_scale_schedule_by_hand() -> None:
     cfg = Config.fromfile(osp.join(ROOT, MG))
-    assert cfg.train_cfg.max_iters == 1000 and cfg.train_cfg.val_interval == 250
+    assert cfg.train_cfg.max_iters == 1250 and cfg.train_cfg.val_interval == 312
     warm, poly = cfg.param_scheduler
-    assert (warm.end, poly.begin, poly.end) == (100, 100, 1000)
+    assert (warm.end, poly.begin, poly.end) == (100, 100, 1250)
     rc.scale_schedule(cfg, 600)
     # the warm-up is left alone; the poly decay ends at the new length; validation and
-    # checkpoints keep a quarter of the schedule
+    # checkpoints keep their fraction of the schedule (312 / 1250 x 600 = 149.8)
     assert [(s.begin, s.end) for s in cfg.param_scheduler] == [(0, 100), (100, 600)]
     assert (cfg.train_cfg.max_iters, cfg.max_iters) == (600, 600)
     assert cfg.train_cfg.val_interval == cfg.default_hooks.checkpoint.interval == 150

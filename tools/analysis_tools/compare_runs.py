@@ -34,7 +34,8 @@ Columns:
   size of ``inference_speed.json``, and the device it was measured on.
 
 Routing, for every MoE row (its first seed): a heat map per task of the fraction of
-tokens sent to each expert in each MoE layer (``routing_<row>.png`` in ``--figure-dir``)
+tokens sent to each expert in each MoE layer, trained and at random initialisation, and
+(two tasks) their difference (``routing_<row>.png`` in ``--figure-dir``)
 and the task divergence, the mean over MoE layers of the total-variation distance
 ``1/2 Σ_e |p_a(e) - p_b(e)|`` between two tasks' expert distributions ``p = load / k``
 (0: the tasks use the experts identically, 1: disjoint experts), averaged over task pairs;
@@ -458,6 +459,54 @@ def format_routing(rows: Sequence[Row], figures: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
+def plot_task_routing(
+    load: Mapping[str, Sequence[Sequence[float]]],
+    init: Mapping[str, Sequence[Sequence[float]]] | None,
+    path: str,
+    title: str = "",
+) -> None:
+    """Save the routing figure of one model: a heat map (MoE layer x expert) per task of
+    the trained model, then of the randomly initialised one (``init``, if given), each
+    row with its own colour scale; with two tasks a last column shows their difference
+    (first task minus second, a diverging scale symmetric about 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(load)
+    sets = [("trained", load)] + ([("random init", init)] if init is not None else [])
+    ncols = len(tasks) + (1 if len(tasks) == 2 else 0)
+    fig, axes = plt.subplots(
+        len(sets), ncols, figsize=(3.0 * ncols + 1.5, 3.0 * len(sets)), squeeze=False
+    )
+    fig.subplots_adjust(hspace=0.55, wspace=0.35)
+    for i, (name, loads) in enumerate(sets):
+        arrays = {t: np.asarray(loads[t], dtype=np.float64) for t in tasks}
+        vmax = max(float(a.max()) for a in arrays.values())
+        for j, t in enumerate(tasks):
+            im = axes[i, j].imshow(arrays[t], vmin=0, vmax=vmax, cmap="magma", aspect="auto")
+            axes[i, j].set_title(f"{t} ({name})", fontsize=9)
+        fig.colorbar(im, ax=axes[i, : len(tasks)].tolist(), label="fraction of tokens")
+        if len(tasks) == 2:
+            diff = arrays[tasks[0]] - arrays[tasks[1]]
+            lim = float(np.abs(diff).max()) or 1.0
+            im = axes[i, 2].imshow(diff, vmin=-lim, vmax=lim, cmap="coolwarm", aspect="auto")
+            axes[i, 2].set_title(f"{tasks[0]} - {tasks[1]} ({name})", fontsize=9)
+            fig.colorbar(im, ax=axes[i, 2])
+        for ax in axes[i]:
+            ax.set_xlabel("expert", fontsize=8)
+            ax.set_ylabel("MoE layer", fontsize=8)
+            ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def slug(text: str) -> str:
     """File-name-safe version of a row label."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
@@ -500,15 +549,18 @@ def main(argv: list[str] | None = None) -> str:
     refs = compute(rows, args.shape, not args.no_flops)
     figures: dict[str, str] = {}
     if args.figure_dir:
-        from mmseg_m3vit.engine.routing import plot_routing
-
         for row in rows:
             routed = next((r for r in row.runs if r.routing), None)
             if routed is None:
                 continue
-            load = {t: np.asarray(a) for t, a in routed.routing["load"].items()}
+            init = next((r.routing_init for r in row.runs if r.routing_init), None)
             path = osp.join(args.figure_dir, f"routing_{slug(row.label)}.png")
-            plot_routing(load, path, title=f"{row.label}, seed {routed.seed}: tokens per expert")
+            plot_task_routing(
+                routed.routing["load"],
+                init["load"] if init else None,
+                path,
+                title=f"{row.label}, seed {routed.seed}: tokens per expert, test split",
+            )
             figures[row.label] = path
     text = format_table(rows, refs)
     routing_text = format_routing(rows, figures)

@@ -68,8 +68,8 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 COMPARISON = "configs/comparison"
-_MOE = COMPARISON + "/m3vit_vit-s16-moe16-top4-{}_1xb16-1k_synthnyud2task-240x320.py"
-_DENSE = COMPARISON + "/vit-s16-dense_1xb16-1k_synthnyud{}-240x320.py"
+_MOE = COMPARISON + "/m3vit_vit-s16-moe16-top4-{}_1xb16-1250it_synthnyud2task-240x320.py"
+_DENSE = COMPARISON + "/vit-s16-dense_1xb16-1250it_synthnyud{}-240x320.py"
 #: (name, config relative to the repository root, seed) of the default study.
 DEFAULT_RUNS: list[tuple[str, str, int]] = [
     ("m3vit-mg_s0", _MOE.format("mg"), 0),

@@ -9,7 +9,7 @@ _base_ = [
     "../_base_/models/m3vit_vit-s16-moe16-top4.py",
     "../_base_/datasets/synthetic_nyud_240x320.py",
     "../_base_/default_runtime.py",
-    "../_base_/schedules/sgd_poly_warmup_1k.py",
+    "../_base_/schedules/sgd_poly_warmup_1250it.py",
 ]
 
 tasks = ["semseg", "depth"]

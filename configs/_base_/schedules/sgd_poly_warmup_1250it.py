@@ -4,7 +4,7 @@
 # checkpoints every quarter of the schedule (the best on the val split is kept).
 _base_ = ["./sgd_poly_5k.py"]
 
-max_iters = 1000
+max_iters = 1250
 warmup_iters = 100
 val_interval = max_iters // 4
 optim_wrapper = dict(optimizer=dict(lr=0.01))
