@@ -566,9 +566,10 @@ def main(argv: list[str] | None = None) -> int:
         wd = osp.join(root, run.name)
         done = finished(wd, iters_of[run.name])
         state = "done" if done else ("stopped" if codes.get(run.name, 0) is None else "failed")
-        status["runs"].setdefault(run.name, {}).update(
-            config=run.config, seed=run.seed, state=state, exit=codes.get(run.name)
-        )
+        entry = status["runs"].setdefault(run.name, {})
+        entry.update(config=run.config, seed=run.seed, state=state)
+        if run.name in codes:  # launched by this call (else keep the earlier call's code)
+            entry["exit"] = codes[run.name]
         if state == "failed":
             print(f"----- train {run.name} log tail\n{tail(wd + '.log')}")
     phase_done("train", t)
