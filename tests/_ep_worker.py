@@ -16,7 +16,11 @@ import torch
 import torch.distributed as dist
 
 from mmseg_m3vit.models.moe import MoEFFN
-from mmseg_m3vit.models.moe.expert_parallel import expert_parallel_ffn, shard_experts
+from mmseg_m3vit.models.moe.expert_parallel import (
+    ExpertParallelDispatch,
+    expert_parallel_ffn,
+    shard_experts,
+)
 
 E, D, HD, K, M = 8, 12, 10, 2, 37
 
@@ -50,7 +54,8 @@ def main(out_dir: str) -> None:
                 getattr(layer, name).copy_(w)
         names = shard_experts(layer)
         experts = (layer.w1, layer.b1, layer.w2, layer.b2)
-        ym = expert_parallel_ffn(x, ids, gates, *experts, num_experts=E, group=layer.ep_group)
+        assert isinstance(layer.dispatch, ExpertParallelDispatch)
+        ym = layer.dispatch(x, ids, gates, *experts)
         (ym * probe).sum().backward()
         torch.save(
             {

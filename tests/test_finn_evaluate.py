@@ -246,7 +246,7 @@ def test_missing_metric_is_named(cfg: Config) -> None:
 
 
 def test_summary_shows_the_val_metric(tmp_path: Path) -> None:
-    from finn_flow.build import write_summary
+    from finn_flow.report import write_summary
 
     val = {
         "metric": "NormalsAngleMetric",

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mmseg_m3vit  # noqa: F401  (registers everything)
-from mmseg_m3vit.models.decode_heads import PUPHead, pup_head
-from mmseg_m3vit.models.decode_heads.pup_head import upsample2x, upsample2x_lerp
+from mmseg_m3vit.models.decode_heads import PUPHead, upsample
+from mmseg_m3vit.models.decode_heads.upsample import upsample2x, upsample2x_lerp
 
 SHAPES = [(2, 3, 1, 1), (1, 2, 1, 5), (2, 4, 3, 7), (1, 3, 5, 2), (2, 17, 6, 8), (1, 16, 4, 5)]
 
@@ -108,7 +108,7 @@ def test_head_fast_path_equals_interpolate(monkeypatch, align_corners, grid, out
     tokens = torch.randn(2, 1 + grid[0] * grid[1], 8)
     outs = {}
     for impl in ("interpolate", "lerp"):
-        monkeypatch.setattr(pup_head, "UPSAMPLE_IMPL", impl)
+        monkeypatch.setattr(upsample, "UPSAMPLE_IMPL", impl)
         with torch.inference_mode():
             outs[impl] = head(tokens, grid, out_size)
     expect = out_size or (16 * grid[0], 16 * grid[1])
@@ -121,7 +121,7 @@ def test_head_training_path_unchanged(monkeypatch) -> None:
     tokens = torch.randn(2, 1 + 6, 8)
     grads = []
     for impl in ("interpolate", "lerp"):
-        monkeypatch.setattr(pup_head, "UPSAMPLE_IMPL", impl)
+        monkeypatch.setattr(upsample, "UPSAMPLE_IMPL", impl)
         head.zero_grad()
         torch.manual_seed(1)
         head(tokens, (2, 3)).square().mean().backward()

@@ -16,7 +16,7 @@ from mmseg_m3vit.models.moe import (
     sorted_dispatch,
     vmoe_top_k,
 )
-from mmseg_m3vit.models.moe.dispatch import expert_loop_dispatch
+from mmseg_m3vit.models.moe.reference import expert_loop_dispatch
 
 
 def _experts(e: int, d: int, hd: int, seed: int = 0):
@@ -221,8 +221,13 @@ def test_benchmark_tool_runs_tiny_and_its_loop_matches() -> None:
     ids, gates = _random_routing(9, 4, 2)
     ref = _per_token_reference(x, ids, gates, *w)
     assert torch.allclose(expert_loop_dispatch(x, ids, gates, *w).double(), ref, atol=1e-5)
-    args = ["--cpu-images", "1", "--tokens", "10", "--dim", "8", "--experts", "4"]
-    args += ["--top-k", "2", "--hidden", "4", "--iters", "1", "--warmup", "0", "--device", "cpu"]
-    rows = tool.main(args)["cpu"]
-    assert [r[0] for r in rows][:3] == ["dense", "loop", "sorted"]
-    assert rows[0][2] == 1.0 and all(r[1] > 0 for r in rows)
+    tables = tool.main(["--device", "cpu", "--small", "--reps", "1"])
+    assert len(tables) == 2  # fwd+bwd, forward at one batch size
+    for text in tables:
+        rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+        assert [r.split(" | ")[0] for r in rows] == [
+            "| dense MLP 16-32-16 (equal active FLOPs)",
+            "| sorted",
+            "| loop",
+        ]
+        assert rows[0].split(" | ")[2] == "1.00x"

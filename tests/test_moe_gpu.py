@@ -1,10 +1,17 @@
-"""Grouped-matmul MoE dispatch against independent references.
+"""Fast MoE dispatch paths (grouped GEMM, fused Triton kernels) against references.
 
-References: a per-token, per-slot Python loop in float64 (small sizes) and a dense
-"every token through every expert" float64 evaluation (benchmark scale, GPU only). The
-CPU tests exercise the grouped algorithm (sorting, offsets, folded bias, gathers and
-their hand-written backwards) in float32 where this torch runs ``_grouped_mm`` on CPU;
-the GPU tests run the bf16 CUDA path. Errors are relative Frobenius norms.
+References: a per-token, per-slot Python loop in float64 (small sizes), the sorted
+reference dispatch in float32 (TF32 off) and in float64, and a dense "every token
+through every expert" float64 evaluation (benchmark scale, GPU only). The CPU tests
+exercise the grouped algorithm in float32 where this torch runs ``_grouped_mm`` on CPU;
+the GPU tests run the bf16 CUDA paths. The fused-kernel tests also run on the CPU in
+Triton's interpreter (``TRITON_INTERPRET=1`` with triton installed) at small sizes.
+Errors are relative Frobenius norms.
+
+Tolerances: float32 paths 1e-5 (fp32 rounding of sums over <= 384 terms); bf16 paths
+1.5e-2 forward and 2e-2 gradients against float64 (bf16 has 8 mantissa bits: each
+rounded operand and stored intermediate adds ~2e-3 relative), and the fused bf16 path
+must also be within 1.5x (+1e-3) of the bf16 sorted reference's own error.
 """
 
 from __future__ import annotations
@@ -14,10 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmseg_m3vit.models.moe.dispatch import expert_loop_dispatch, get_dispatch, sorted_dispatch
+from mmseg_m3vit.models.moe import fused
+from mmseg_m3vit.models.moe.dispatch import auto_dispatch, get_dispatch
+from mmseg_m3vit.models.moe.fused import ExpertSort, fused_dispatch, fused_expert_ffn
 from mmseg_m3vit.models.moe.grouped import grouped_dispatch, grouped_expert_ffn, sort_by_expert
+from mmseg_m3vit.models.moe.reference import sorted_dispatch
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+#: Where the fused kernels run in this session: CUDA, else Triton's CPU interpreter.
+KERNEL_DEVICE = (
+    "cuda"
+    if torch.cuda.is_available() and fused.kernels is not None
+    else ("cpu" if fused.INTERPRET and fused.kernels is not None else None)
+)
+requires_kernels = pytest.mark.skipif(
+    KERNEL_DEVICE is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1 with triton)"
+)
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -132,7 +151,7 @@ def test_grouped_dispatch_falls_back_to_sorted_on_cpu() -> None:
     p32 = {n: (t.float() if t.is_floating_point() else t) for n, t in p.items()}
     assert torch.equal(grouped_dispatch(**p32), sorted_dispatch(**p32))
     assert get_dispatch("grouped") is grouped_dispatch
-    assert get_dispatch("auto", torch.device("cpu")) is sorted_dispatch
+    assert torch.equal(auto_dispatch(**p32), sorted_dispatch(**p32))
 
 
 @pytest.mark.gpu
@@ -197,25 +216,175 @@ def test_grouped_cuda_float32_falls_back_exactly() -> None:
     assert torch.equal(grouped_dispatch(**p32), sorted_dispatch(**p32))
 
 
-def _load_benchmark():
-    """tools/analysis_tools/benchmark.py as a module (tools/ is not a package)."""
-    import importlib.util
-    import pathlib
-    import sys
+# ----------------------------------------------------------------------------- fused
+def make_routing(m: int, e: int, k: int, case: str, seed: int) -> Tensor:
+    """(m, k) distinct experts per token. 'random'; 'empty': experts 0, 3 and e-1
+    get nothing; 'one': every token's first slot is expert 1 (it gets all m tokens);
+    'all_one' (k = 1): every token on expert 2."""
+    g = torch.Generator().manual_seed(seed)
+    if case == "all_one":
+        return torch.full((m, k), 2, dtype=torch.long)
+    allowed = [i for i in range(e) if case != "empty" or i not in (0, 3, e - 1)]
+    ids = torch.tensor(allowed)[torch.rand(m, len(allowed), generator=g).argsort(1)[:, :k]]
+    if case == "one":
+        ids[:, 0] = 1
+        ids[:, 1:] = torch.where(ids[:, 1:] == 1, 0, ids[:, 1:])
+    return ids
 
-    path = pathlib.Path(__file__).parents[1] / "tools" / "analysis_tools" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("m3vit_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+
+@pytest.mark.gpu
+@requires_kernels
+@pytest.mark.parametrize("case", ["random", "empty", "one", "all_one"])
+def test_expert_sort_is_a_stable_counting_sort(case: str) -> None:
+    """Device counting sort == stable argsort; offsets == cumulative counts."""
+    for m, e, k in ((37, 8, 3), (1, 5, 1), (1001, 16, 4)):
+        k = 1 if case == "all_one" else k
+        if case == "one" and k < 2:
+            continue
+        ids = make_routing(m, e, k, case, seed=m + e).to(KERNEL_DEVICE)
+        sort = ExpertSort(ids, e)
+        flat = ids.reshape(-1).cpu()
+        assert sort.order.dtype == torch.int32
+        assert torch.equal(sort.order.long().cpu(), torch.sort(flat, stable=True).indices)
+        counts = torch.bincount(flat, minlength=e)
+        assert sort.offs.tolist() == [0] + counts.cumsum(0).tolist()
 
 
-def test_benchmark_loop_baseline_and_moe_table_cpu() -> None:
-    """The benchmark's per-expert-loop baseline is the same function; part (a) runs on CPU."""
-    bench = _load_benchmark()
-    p = make_problem(m=15, d=8, hd=8, e=5, k=2, empty=(4,), seed=5)
-    ref = per_token_reference(**p)
-    assert rel_err(expert_loop_dispatch(**p), ref) < 1e-12
-    text = bench.moe_ffn_part("cpu", bench.MoEScale(1, 9, 8, 8, 4, 2), warmup=0, reps=1)
-    assert text.count("\n|") == 6  # header, rule, four implementations
+FUSED_CASES = [  # (m, d, hd, e, k, routing case)
+    (37, 32, 48, 8, 4, "random"),
+    (37, 32, 48, 8, 4, "empty"),
+    (29, 16, 24, 6, 2, "one"),
+    (23, 24, 16, 5, 1, "all_one"),
+    (1, 16, 16, 4, 2, "random"),
+]
+
+
+def _fused_problem(m, d, hd, e, k, case, seed, device):
+    p = make_problem(m, d, hd, e, k, empty=(), seed=seed, device=device)
+    p["expert_ids"] = make_routing(m, e, k, case, seed).to(device)
+    return p
+
+
+@pytest.mark.gpu
+@requires_kernels
+@pytest.mark.parametrize("shape", FUSED_CASES, ids=lambda c: f"{c[-1]}-m{c[0]}-k{c[4]}")
+def test_fused_float32_matches_sorted_reference(shape) -> None:
+    """Fused kernels with fp32 operands (full fp32 products) vs the sorted reference in
+    float32 (TF32 off), forward and all six gradients, to fp32 rounding; experts that
+    get no token have exactly zero weight gradients."""
+    m, d, hd, e, k, case = shape
+    p = _fused_problem(m, d, hd, e, k, case, seed=11, device=KERNEL_DEVICE)
+    grad_out = torch.randn(m, d, dtype=torch.float64, device=KERNEL_DEVICE)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref, ref_grads = run_with_grads(sorted_dispatch, p, grad_out, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    def fn(**kw: Tensor) -> Tensor:
+        return fused_expert_ffn(**kw, compute_dtype=torch.float32)
+
+    out, grads = run_with_grads(fn, p, grad_out, torch.float32)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5
+    for n in GRAD_NAMES:
+        assert grads[n].dtype == torch.float32
+        assert rel_err(grads[n], ref_grads[n]) < 1e-5, n
+    used = set(p["expert_ids"].flatten().tolist())
+    for ex in set(range(e)) - used:
+        for n in ("w1", "b1", "w2", "b2"):
+            assert torch.count_nonzero(grads[n][ex]) == 0, (n, ex)
+
+
+@pytest.mark.gpu
+@requires_kernels
+@pytest.mark.parametrize("shape", FUSED_CASES, ids=lambda c: f"{c[-1]}-m{c[0]}-k{c[4]}")
+def test_fused_bf16_matches_float64_as_well_as_sorted_bf16(shape) -> None:
+    """The bf16 fast path (fp32 inputs under bf16 autocast, as the model calls it) vs
+    float64; its error must be within the stated bound and, on CUDA with at least 16
+    tokens, within 1.5x (+1e-3) of the sorted reference path's own error under the
+    same autocast (with a handful of roundings the ratio of two errors is noise;
+    Triton's CPU interpreter rounds to bf16 by truncation, which doubles its error)."""
+    m, d, hd, e, k, case = shape
+    p = _fused_problem(m, d, hd, e, k, case, seed=12, device=KERNEL_DEVICE)
+    grad_out = torch.randn(m, d, dtype=torch.float64, device=KERNEL_DEVICE)
+    ref, ref_grads = run_with_grads(sorted_dispatch, p, grad_out, torch.float64)
+
+    def under_autocast(fn):
+        def run(**kw: Tensor) -> Tensor:
+            with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+                return fn(**kw)
+
+        return run
+
+    out, grads = run_with_grads(under_autocast(fused_dispatch), p, grad_out, torch.float32)
+    base, base_grads = run_with_grads(under_autocast(sorted_dispatch), p, grad_out, torch.float32)
+    assert out.dtype == torch.bfloat16
+    ratio_bound = KERNEL_DEVICE == "cuda" and m >= 16
+    err, base_err = rel_err(out, ref), rel_err(base, ref)
+    assert err < 1.5e-2, (err, base_err)
+    assert not ratio_bound or err <= 1.5 * base_err + 1e-3, (err, base_err)
+    for n in GRAD_NAMES:
+        assert grads[n].dtype == torch.float32, n
+        err, base_err = rel_err(grads[n], ref_grads[n]), rel_err(base_grads[n], ref_grads[n])
+        assert err < 2e-2, (n, err, base_err)
+        assert not ratio_bound or err <= 1.5 * base_err + 1e-3, (n, err, base_err)
+
+
+@pytest.mark.gpu
+@requires_kernels
+def test_fused_inference_equals_training_forward_and_writes_every_row() -> None:
+    """No-grad forward (no saved pre-activations) == the autograd forward, bit for bit;
+    outputs are written over NaN-poisoned memory."""
+    p = _fused_problem(41, 32, 32, 6, 3, "empty", seed=13, device=KERNEL_DEVICE)
+    leaves = {n: t.float().requires_grad_(True) if n in GRAD_NAMES else t for n, t in p.items()}
+    poison = torch.full((1 << 20,), float("nan"), device=KERNEL_DEVICE)
+    del poison
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+        train = fused_dispatch(**leaves)
+        with torch.no_grad():
+            infer = fused_dispatch(**leaves)
+    assert torch.isfinite(infer).all()
+    assert torch.equal(train.detach(), infer)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_fused_cuda_scale_no_sync_and_cuda_graph() -> None:
+    """NYUD scale under bf16 autocast: float64 all-experts reference, no host
+    synchronisation in forward or backward, and the inference forward captured in a
+    CUDA graph gives the eager result when replayed on new routing."""
+    m, d, hd, e, k = 8 * 1201, 384, 384, 16, 4
+    p = make_problem(m, d, hd, e, k, empty=(11,), seed=3, device="cuda")
+    grad_out = torch.randn(m, d, dtype=torch.float64, device="cuda")
+    ref, ref_grads = run_with_grads(all_experts_reference, p, grad_out, torch.float64)
+
+    def fn(**kw: Tensor) -> Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return auto_dispatch(**kw)
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, grads = run_with_grads(fn, p, grad_out, torch.float32)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rel_err(out, ref) < 1.5e-2
+    for n in GRAD_NAMES:
+        assert rel_err(grads[n], ref_grads[n]) < 2e-2, n
+    assert torch.count_nonzero(grads["w1"][11]) == 0
+
+    static = {n: (t.float() if t.is_floating_point() else t.clone()) for n, t in p.items()}
+    with torch.no_grad():
+        fn(**static)  # compile the kernels before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fn(**static)
+        new = make_problem(m, d, hd, e, k, empty=(2, 5), seed=4, device="cuda")
+        for n, t in new.items():
+            static[n].copy_(t)
+        graph.replay()
+        eager = fn(**static)
+    assert torch.equal(captured, eager)

@@ -8,8 +8,10 @@ value and what was expected.
 from __future__ import annotations
 
 import copy
+import os
 import os.path as osp
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from mmengine.config import Config
@@ -25,6 +27,25 @@ TASK_DICT_KEYS = ("decode_heads", "loss_weights", "task_metrics")
 #: Config keys whose value is one task name.
 TASK_NAME_KEYS = ("task",)
 DATALOADER_KEYS = ("train_dataloader", "val_dataloader", "test_dataloader")
+#: The checkout the package lives in: the configs name data roots relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_data_root(root: str | os.PathLike[str]) -> Path:
+    """Where a config's ``data_root`` points, as an absolute path (which may not exist).
+
+    The path as given when it exists (absolute, or relative to the working directory);
+    else, for a relative path, the same path under the repository root when that exists
+    (the configs' convention: ``data/<set>`` from the checkout, whatever the working
+    directory); else the path as given, made absolute (for the caller's error message).
+    The one resolver the tools, the FPGA flow's calibration and its evaluation share.
+    """
+    path = Path(root).expanduser()
+    if path.exists() or path.is_absolute():
+        return path.resolve()
+    if (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path.resolve()
 
 
 def iter_datasets(cfg: Any, path: str) -> Iterator[tuple[str, dict]]:
@@ -44,7 +65,8 @@ def iter_datasets(cfg: Any, path: str) -> Iterator[tuple[str, dict]]:
 
 
 def check_data_roots(cfg: Config, which: Sequence[str] = DATALOADER_KEYS) -> None:
-    """Fail unless every data set's ``data_root`` used by ``which`` dataloaders exists.
+    """Resolve every data set's ``data_root`` used by ``which`` dataloaders in place
+    (:func:`resolve_data_root`: absolute paths afterwards) and fail unless it exists.
 
     Raises:
         FileNotFoundError: naming the config key, the missing path and how to fix it.
@@ -57,12 +79,15 @@ def check_data_roots(cfg: Config, which: Sequence[str] = DATALOADER_KEYS) -> Non
             root = ds.get("data_root")
             if root is None or root == "":
                 continue
-            if not osp.isdir(root):
+            resolved = resolve_data_root(root)
+            if not resolved.is_dir():
                 raise FileNotFoundError(
                     f"{path}.data_root = {root!r} does not exist (working directory "
-                    f"{osp.abspath('.')!r}); download/convert the data set there, or point "
-                    f"the config at it, e.g. --cfg-options {path}.data_root=/path/to/data"
+                    f"{osp.abspath('.')!r}, repository {str(REPO_ROOT)!r}); download/convert "
+                    "the data set there, or point the config at it, e.g. --cfg-options "
+                    f"{path}.data_root=/path/to/data"
                 )
+            ds["data_root"] = str(resolved)
 
 
 def _walk(obj: Any, path: str) -> Iterator[tuple[str, str, Any]]:

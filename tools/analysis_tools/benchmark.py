@@ -1,16 +1,20 @@
-"""Speed benchmark of the M3ViT GPU paths, printed as markdown tables in ONE run.
+"""Speed benchmark of the M3ViT model on one GPU, printed as markdown tables in ONE run.
 
-    python tools/analysis_tools/benchmark.py [--device cuda|cpu] [--small] [--parts abc]
+    python tools/analysis_tools/benchmark.py [--device cuda|cpu] [--small] [--parts bc]
 
-(a) MoE FFN forward+backward at the NYUD scale (8 images x 1201 tokens, D=384, E=16,
-    top-4, Hd=384, bf16 autocast): grouped dispatch vs the dense MLP of equal active
-    FLOPs (384-1536-384) vs a Mixtral-style per-expert loop and the sorted reference.
-(b) Train-step images/s of the 4-task NYUD model at 480x640 (synthetic data):
-    straightforward (one backbone pass per task, per-expert loop MoE, float32) vs
-    optimised (task-batched backbone, grouped MoE, bf16 autocast).
-(c) Single-task inference images/s and model-FLOPs utilisation against the bf16 matmul
-    peak measured in the same run (8192^3 product on random data).
+(b) Train-step images/s of the 4-task NYUD model at 480x640 (random data on the
+    device): from the straightforward implementation (one backbone pass per task,
+    per-expert loop MoE, float32) to the optimised one (task-batched backbone, fused
+    MoE kernels, bf16 autocast), one change per row, and a dense ViT-S multi-task model
+    with the same heads (every FFN a dense 1536-unit MLP = the MoE's active FLOPs;
+    the shared backbone runs once for all tasks) as the reference.
+(c) Single-task (semseg) inference, bf16 autocast: the M3ViT backbone against the dense
+    ViT-S backbone of equal active FLOPs at batch 1, 8 and 64, eagerly (launches
+    included) and replayed from a CUDA graph; backbone + head images/s and model-FLOPs
+    utilisation against the bf16 matmul peak measured in the same run (8192^3 product
+    on random data); (c') where the kernel time of backbone + head goes.
 
+The MoE layer alone is benchmarked by ``benchmark_moe.py`` beside this file.
 Timing: CUDA events around each repetition after warm-up, median over repetitions
 (``time.perf_counter`` medians on CPU). ``--device cpu --small`` runs every part at toy
 sizes so the script is testable without a GPU; its numbers mean nothing.
@@ -19,16 +23,15 @@ sizes so the script is testable without a GPU; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import os.path as osp
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from mmseg_m3vit.models.moe.dispatch import expert_loop_dispatch, sorted_dispatch
-from mmseg_m3vit.models.moe.grouped import grouped_dispatch
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -83,90 +86,10 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- (a)
-@dataclass
-class MoEScale:
-    """One MoE FFN layer's problem size (M = images x tokens)."""
-
-    images: int
-    tokens: int
-    dim: int
-    hidden: int
-    experts: int
-    top_k: int
-
-
-def moe_ffn_part(device: str, scale: MoEScale, warmup: int, reps: int) -> str:
-    """(a): fwd+bwd ms of one FFN layer for each implementation, under bf16 autocast."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    m, d, hd, e, k = (
-        scale.images * scale.tokens,
-        scale.dim,
-        scale.hidden,
-        scale.experts,
-        scale.top_k,
-    )
-    x = torch.randn(m, d, generator=g).to(device).requires_grad_(True)
-    # Balanced-ish routing, as a trained router gives: k distinct random experts per token.
-    ids = torch.rand(m, e, generator=g).argsort(dim=1)[:, :k].to(device)
-    gates = torch.rand(m, k, generator=g).softmax(-1).to(device).requires_grad_(True)
-    w1 = (torch.randn(e, d, hd, generator=g) / d**0.5).to(device).requires_grad_(True)
-    b1 = torch.zeros(e, hd).to(device).requires_grad_(True)
-    w2 = (torch.randn(e, hd, d, generator=g) / hd**0.5).to(device).requires_grad_(True)
-    b2 = torch.zeros(e, d).to(device).requires_grad_(True)
-    dense = nn.Sequential(nn.Linear(d, hd * k), nn.GELU(), nn.Linear(hd * k, d)).to(device)
-    grad_out = torch.randn(m, d, device=device)
-    amp_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-
-    def step(fn: Callable[[], Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            with torch.autocast(device, dtype=amp_dtype, enabled=device == "cuda"):
-                out = fn()
-            out.backward(grad_out.to(out.dtype))
-
-        return run
-
-    def moe(dispatch: Callable[..., Tensor]) -> Callable[[], Tensor]:
-        return lambda: dispatch(x, ids, gates, w1, b1, w2, b2)
-
-    impls = {
-        f"dense MLP {d}-{hd * k}-{d} (equal active FLOPs)": step(lambda: dense(x)),
-        "grouped (this project, `_grouped_mm`)": step(moe(grouped_dispatch)),
-        "sorted (per-expert chunks, reference path)": step(moe(sorted_dispatch)),
-        "per-expert loop (Mixtral style)": step(moe(expert_loop_dispatch)),
-    }
-    if device == "cuda":  # same function through inductor (fuses the ops around the GEMMs)
-        impls["grouped + torch.compile (not used by the model)"] = step(
-            moe(torch.compile(grouped_dispatch))
-        )
-    flops = 3 * 2 * 2 * m * d * hd * k  # fwd (2 GEMMs) + bwd (2x), active experts only
-    rows = []
-    dense_gpu = dense_wall = None
-    for name, fn in impls.items():
-        gpu = bench(fn, device, warmup, reps, hide_launch=True)
-        wall = bench(fn, device, warmup, reps)
-        dense_gpu, dense_wall = dense_gpu or gpu, dense_wall or wall
-        rows.append(
-            [
-                name,
-                f"{gpu:.3f}",
-                f"{gpu / dense_gpu:.2f}x",
-                f"{flops / (gpu * 1e-3) / 1e12:.0f}",
-                f"{wall:.3f}",
-                f"{wall / dense_wall:.2f}x",
-            ]
-        )
-    title = (
-        f"(a) MoE FFN fwd+bwd, {scale.images}x{scale.tokens} tokens, D={d}, E={e}, "
-        f"top-{k}, Hd={hd}, {'bf16 autocast' if device == 'cuda' else 'fp32'}; "
-        "GPU = kernels queued ahead (launch overhead hidden), wall = eager incl. launches"
-    )
-    header = ["implementation", "GPU ms", "vs dense", "TFLOP/s", "wall ms", "vs dense"]
-    return table(title, header, rows)
-
-
 # ----------------------------------------------------------------------------- model
-DEFAULT_CONFIG = "configs/m3vit/m3vit_vit-s16-moe16-top4-mg_2xb8-5k_nyud-480x640.py"
+DEFAULT_CONFIG = osp.join(
+    ROOT, "configs", "m3vit", "m3vit_vit-s16-moe16-top4-mg_2xb8-5k_nyud-480x640.py"
+)
 TINY_BACKBONE = dict(embed_dims=32, num_layers=4, num_heads=2, expert_hidden_dims=32)
 
 
@@ -197,45 +120,6 @@ def build_model(config: str, small: bool, device: str, **overrides: object) -> n
     return MODELS.build(cfg).to(device)
 
 
-def synthetic_batch(num: int, size: tuple[int, int], tasks: list[str], seed: int) -> dict:
-    """``num`` random NYUD-like samples packed by the project's ``PackMultiTaskInputs``.
-
-    Image uint8 (3, H, W); semseg ids in [0, 40); depth in [0.5, 10) m; unit normals;
-    binary edges. Returns the data loader's collated form (lists of inputs/samples).
-    """
-    import numpy as np
-
-    from mmseg_m3vit.datasets.transforms.formatting import PackMultiTaskInputs
-
-    rng = np.random.default_rng(seed)
-    h, w = size
-    pack = PackMultiTaskInputs()
-    inputs, samples = [], []
-    for i in range(num):
-        normals = rng.standard_normal((h, w, 3)).astype(np.float32)
-        normals /= np.linalg.norm(normals, axis=2, keepdims=True)
-        maps = {
-            "semseg": ("gt_seg_map", rng.integers(0, 40, (h, w), dtype=np.uint8)),
-            "depth": ("gt_depth_map", rng.uniform(0.5, 10.0, (h, w)).astype(np.float32)),
-            "normals": ("gt_normal_map", normals),
-            "edge": ("gt_edge_map", (rng.random((h, w)) < 0.1).astype(np.uint8)),
-        }
-        results = {
-            "img": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
-            "img_path": f"synthetic_{seed}_{i}.jpg",
-            "ori_shape": (h, w),
-            "img_shape": (h, w),
-            "scale_factor": (1.0, 1.0),
-            "flip": False,
-            "flip_direction": None,
-        }
-        results.update({maps[t][0]: maps[t][1] for t in tasks})
-        packed = pack(results)
-        inputs.append(packed["inputs"])
-        samples.append(packed["data_samples"])
-    return {"inputs": inputs, "data_samples": samples}
-
-
 def batch_to(batch: dict, device: str) -> dict:
     """Move a collated batch to ``device`` (timing then excludes host-to-device copies)."""
     return {
@@ -250,40 +134,57 @@ def train_step_part(
     """(b): images/s of ``model.train_step`` (preprocess, T-task loss, backward, SGD step).
 
     Rows go from the straightforward implementation to the optimised one, one change at
-    a time: bf16 autocast, then grouped MoE dispatch, then the task-batched backbone.
+    a time, then the dense multi-task reference (``moe_layers=[]``: every block a dense
+    MLP; the task-batched pass then runs the backbone once and repeats its tokens for
+    the T heads). The last column divides by the dense reference.
     """
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
+    from mmseg_m3vit.datasets.random_mt import random_batch
+
     size = (64, 80) if small else (480, 640)
     cuda = device == "cuda"
-    variants = [
-        ("straightforward: T passes, per-expert loop, fp32", False, "loop", False),
-        ("+ bf16 autocast", False, "loop", cuda),
-        ("+ grouped MoE (`_grouped_mm`)", False, "grouped", cuda),
-        ("+ task-batched backbone = optimised", True, "grouped", cuda),
+    variants = [  # name, task_batched, dispatch, amp, dense
+        ("straightforward: T passes, per-expert loop, fp32", False, "loop", False, False),
+        ("+ bf16 autocast", False, "loop", cuda, False),
+        ("+ grouped MoE (`_grouped_mm`)", False, "grouped", cuda, False),
+        ("+ task-batched backbone", True, "grouped", cuda, False),
+        ("+ fused MoE kernels ('auto') = optimised", True, "auto", cuda, False),
+        ("dense ViT-S multi-task, same heads (reference)", True, "auto", cuda, True),
     ]
-    rows, base = [], None
-    for name, batched, dispatch, amp in variants:
+    results = []
+    for name, batched, dispatch, amp, dense in variants:
         torch.manual_seed(0)
+        extra = {"backbone_moe_layers": []} if dense else {}
         model = build_model(
-            config, small, device, task_batched=batched, backbone_dispatch=dispatch
+            config, small, device, task_batched=batched, backbone_dispatch=dispatch, **extra
         ).train()
         tasks = list(model.tasks)
-        batch = batch_to(synthetic_batch(batch_size, size, tasks, seed=0), device)
+        batch = batch_to(random_batch(batch_size, size, tasks, seed=0), device)
         sgd = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9, weight_decay=1e-4)
         wrapper = AmpOptimWrapper(optimizer=sgd, dtype="bfloat16") if amp else OptimWrapper(sgd)
         step = lambda m=model, d=batch, w=wrapper: m.train_step(d, w)  # noqa: E731
-        ms = bench(step, device, warmup, reps)
-        base = base or ms
-        rows.append([name, f"{ms:.1f}", f"{batch_size / (ms * 1e-3):.1f}", f"{base / ms:.2f}x"])
+        results.append((name, bench(step, device, warmup, reps)))
         del model, wrapper, sgd, batch, step
         if cuda:
             torch.cuda.empty_cache()
+    base, dense_ms = results[0][1], results[-1][1]
+    rows = [
+        [
+            n,
+            f"{ms:.1f}",
+            f"{batch_size / (ms * 1e-3):.1f}",
+            f"{base / ms:.2f}x",
+            f"{dense_ms / ms:.2f}x",
+        ]
+        for n, ms in results
+    ]
     title = (
         f"(b) train step, {len(tasks)}-task NYUD model, batch {batch_size} at "
-        f"{size[0]}x{size[1]}, synthetic data already on the device, SGD"
+        f"{size[0]}x{size[1]}, random data already on the device, SGD"
     )
-    return table(title, ["implementation", "ms/step", "images/s", "speed-up"], rows)
+    header = ["implementation", "ms/step", "images/s", "speed-up", "images/s vs dense MTL"]
+    return table(title, header, rows)
 
 
 FLOP_CATEGORIES = ("attention", "conv", "GEMM")
@@ -355,116 +256,143 @@ def kernel_breakdown(fn: Callable[[], object], reps: int = 5) -> dict[str, float
     return times
 
 
+def graphed(fn: Callable[[], Tensor]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after warm-up on a side stream); returns replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def inference_part(
     device: str, config: str, small: bool, batches: list[int], peak_tflops: float, reps: int
 ) -> str:
-    """(c): single-task (semseg) inference images/s and MFU, backbone + head, bf16.
+    """(c): single-task (semseg) inference, bf16 autocast; M3ViT vs dense ViT-S backbone.
 
     FLOPs are counted once per image on the sorted dispatch (plain matmuls, so every
-    expert matmul is seen); timing uses the grouped dispatch. MFU = FLOPs x images/s /
-    the bf16 matmul peak measured in this run.
+    expert matmul is seen); timing uses the default dispatch ('auto'). MFU = FLOPs x
+    images/s / the bf16 matmul peak measured in this run. Each case is timed eagerly
+    (one synchronised call: the latency, launches included) and, on CUDA, as a CUDA
+    graph replay (the same kernels without launch gaps).
     """
     size = (64, 80) if small else (480, 640)
     cuda = device == "cuda"
     task = "semseg"
-    model = build_model(config, small, device).eval()
-    head = model.heads[task]
+    models = {
+        "M3ViT": build_model(config, small, device).eval(),
+        "dense ViT-S": build_model(config, small, device, backbone_moe_layers=[]).eval(),
+    }
 
-    def run(x: Tensor, part: str) -> Tensor:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            if part == "head":
-                return head(tokens_for[x.shape[0]], grid, size)
-            out = model.backbone(x, task)
-            return out.tokens if part == "backbone" else head(out.tokens, out.grid, size)
+    def runner(model: nn.Module, x: Tensor, part: str) -> Callable[[], Tensor]:
+        head = model.heads[task]
 
-    for moe in model.backbone.modules():
-        if hasattr(moe, "dispatch"):
-            moe.dispatch = "sorted"
-    tokens_for: dict[int, Tensor] = {}
+        def run() -> Tensor:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
+                out = model.backbone(x, task)
+                return out.tokens if part == "backbone" else head(out.tokens, out.grid, size)
+
+        return run
+
+    flops = {}
     with torch.inference_mode():
         one = torch.randn(1, 3, *size, device=device)
-        cats = {part: count_flops(lambda p=part: run(one, p)) for part in ("full", "backbone")}
-    flops = {part: c["total"] for part, c in cats.items()}
-    flops["head"] = flops["full"] - flops["backbone"]
-    for moe in model.backbone.modules():
-        if hasattr(moe, "dispatch"):
-            moe.dispatch = "auto"
-    rows = []
-    grid = (size[0] // 16, size[1] // 16)
-    for label, part in (("backbone + head", "full"), ("backbone", "backbone"), ("head", "head")):
+        for name, model in models.items():
+            for moe in model.backbone.modules():
+                if hasattr(moe, "dispatch"):
+                    moe.dispatch = "sorted"
+            for part in ("full", "backbone"):
+                flops[name, part] = count_flops(runner(model, one, part))
+            for moe in model.backbone.modules():
+                if hasattr(moe, "dispatch"):
+                    moe.dispatch = "auto"
+    modes = ["eager", "CUDA graph"] if cuda else ["eager"]
+    rows, times = [], {}
+    for part, label in (("backbone", "backbone"), ("full", "backbone + head")):
         for b in batches:
             x = torch.randn(b, 3, *size, device=device)
-            with torch.inference_mode():
-                if part == "head":
-                    tokens_for[b] = run(x, "backbone")
-                ms = bench(lambda x=x, p=part: run(x, p), device, warmup=3, reps=reps)
-            ips = b / (ms * 1e-3)
-            achieved = flops[part] * ips / 1e12
-            rows.append(
-                [
-                    label,
-                    str(b),
-                    f"{ms:.2f}",
-                    f"{ips:.1f}",
-                    f"{flops[part] / 1e9:.1f}",
-                    f"{achieved:.0f}",
-                    f"{100 * achieved / peak_tflops:.1f}%",
-                ]
-            )
-            tokens_for.pop(b, None)
+            for mode in modes:
+                for name, model in models.items():
+                    with torch.inference_mode():
+                        fn = runner(model, x, part)
+                        if mode != "eager":
+                            fn = graphed(fn)
+                        ms = bench(fn, device, warmup=3, reps=reps)
+                    times[name, part, b, mode] = ms
+                    f = flops[name, part]["total"]
+                    ips = b / (ms * 1e-3)
+                    dense_ms = times.get(("M3ViT", part, b, mode), ms)
+                    rows.append(
+                        [
+                            label,
+                            name,
+                            str(b),
+                            mode,
+                            f"{ms:.2f}",
+                            f"{ms / b:.3f}",
+                            f"{f / 1e9:.1f}",
+                            f"{100 * f * ips / 1e12 / peak_tflops:.1f}%",
+                            f"{dense_ms / ms:.2f}x" if name != "M3ViT" else "",
+                        ]
+                    )
+                    del fn
     text = ""
     if cuda:  # what bounds it: kernel time and achieved rate per class, largest batch
         b = batches[-1]
         x = torch.randn(b, 3, *size, device=device)
         with torch.inference_mode():
-            times = kernel_breakdown(lambda: run(x, "full"))
-        total = sum(times.values())
+            ktimes = kernel_breakdown(runner(models["M3ViT"], x, "full"))
+        total = sum(ktimes.values())
         brows = []
         for cat in KERNEL_CLASSES:
-            f = cats["full"].get(cat, 0) * b
-            rate = f"{f / (times[cat] * 1e-3) / 1e12:.0f}" if f and times[cat] else "-"
+            f = flops["M3ViT", "full"].get(cat, 0) * b
+            rate = f"{f / (ktimes[cat] * 1e-3) / 1e12:.0f}" if f and ktimes[cat] else "-"
             brows.append(
                 [
                     cat,
-                    f"{times[cat]:.2f}",
-                    f"{100 * times[cat] / max(total, 1e-9):.0f}%",
+                    f"{ktimes[cat]:.2f}",
+                    f"{100 * ktimes[cat] / max(total, 1e-9):.0f}%",
                     f"{f / 1e12:.2f}",
                     rate,
                 ]
             )
         text = "\n" + table(
-            f"(c') where the time goes: backbone + head, batch {b}, CUDA kernel time by class",
+            f"(c') where the time goes: M3ViT backbone + head, batch {b}, eager, CUDA kernel "
+            "time by class",
             ["kernels", "ms", "share", "TFLOP", "TFLOP/s"],
             brows,
         )
     title = (
         f"(c) single-task ({task}) inference at {size[0]}x{size[1]}, "
-        f"{'bf16 autocast, grouped MoE' if cuda else 'fp32'}; "
-        f"MFU against the measured peak {peak_tflops:.0f} TFLOP/s"
+        f"{'bf16 autocast' if cuda else 'fp32'}, default dispatch; MFU against the "
+        f"measured peak {peak_tflops:.0f} TFLOP/s; last column: M3ViT time / this time"
     )
-    header = ["part", "batch", "ms", "images/s", "GFLOP/img", "TFLOP/s", "MFU"]
+    header = ["part", "model", "batch", "mode", "ms", "ms/img", "GFLOP/img", "MFU", "M3ViT/this"]
     return table(title, header, rows) + text
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--small", action="store_true", help="toy sizes (CPU smoke test)")
-    p.add_argument("--parts", default="abc", help="which parts to run, e.g. 'a' or 'bc'")
+    p.add_argument("--parts", default="bc", help="which parts to run: 'b', 'c' or 'bc'")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="4-task NYUD config for (b), (c)")
     p.add_argument("--train-batch", type=int, default=8, help="(b) images per step")
-    p.add_argument("--infer-batches", default="8,32,64", help="(c) batch sizes, comma-separated")
-    return p.parse_args()
+    p.add_argument("--infer-batches", default="1,8,64", help="(c) batch sizes, comma-separated")
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available; use --device cpu --small")
-    reps = args.reps or (3 if args.small else 50)
-    warmup = 1 if args.small else 10
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     peak = matmul_peak_tflops(
@@ -472,18 +400,15 @@ def main() -> None:
     )
     kind = "bf16 " if args.device == "cuda" else "fp32 "
     print(f"matmul peak (measured, {kind}random data): {peak:.0f} TFLOP/s\n", flush=True)
-    if "a" in args.parts:
-        scale = MoEScale(2, 33, 32, 32, 4, 2) if args.small else MoEScale(8, 1201, 384, 384, 16, 4)
-        print(moe_ffn_part(args.device, scale, warmup, reps), flush=True)
     if "b" in args.parts:
-        b_reps = 3 if args.small else 10
+        b_reps = args.reps or (3 if args.small else 10)
         print(
             train_step_part(args.device, args.config, args.small, args.train_batch, 2, b_reps),
             flush=True,
         )
     if "c" in args.parts:
-        batches = [2] if args.small else [int(b) for b in args.infer_batches.split(",")]
-        c_reps = 3 if args.small else 20
+        batches = [1] if args.small else [int(b) for b in args.infer_batches.split(",")]
+        c_reps = args.reps or (3 if args.small else 20)
         print(
             inference_part(args.device, args.config, args.small, batches, peak, c_reps),
             flush=True,

@@ -1,30 +1,37 @@
-"""Benchmark one MoE FFN layer (forward + backward) against a dense MLP of equal active cost.
+"""The MoE FFN benchmark: every dispatch implementation against a dense MLP of equal cost.
 
-Usage::
+    python tools/analysis_tools/benchmark_moe.py [--device cuda|cpu] [--reps 50] [--profile]
+    torchrun --nproc_per_node 2 tools/analysis_tools/benchmark_moe.py --expert-parallel
 
-    python tools/analysis_tools/benchmark_moe.py [--images 8] [--tokens 1201] [--dim 384]
-        [--experts 16] [--top-k 4] [--hidden 384] [--iters 20] [--device cpu cuda]
-        [--dtype float32|bfloat16] [--cpu-images 1]
+Single device (default), on the same tokens and routing (softmax-then-top-k of random
+router logits), printed as markdown tables:
 
-Implementations timed, on the same tokens and the same routing (softmax-then-top-k of
-random router logits):
+(a) one layer forward + backward at the NYUD training shape (8 images x 1201 tokens,
+    D 384, E 16, top-4, Hd 384; bf16 autocast on CUDA, float32 on CPU): the dense MLP
+    ``Linear(D, k*Hd) -> GELU -> Linear(k*Hd, D)`` (the same active multiply-adds, the
+    ratio's baseline) and every dispatch of :data:`mmseg_m3vit.models.moe.DISPATCH_IMPLS`
+    (fused, grouped, sorted, loop; 'auto' is one of them) and, with ``--compile``, the
+    grouped path through ``torch.compile``. GPU time has the host's launches queued
+    ahead (launch overhead hidden); wall time is eager, launches included.
+(a') the same layer forward only (inference, no autograd) at 1, 8 and 64 images.
+(a'') with ``--profile``: CUDA kernel time per kernel of one fwd+bwd of the fused and
+    grouped paths, and the two grouped GEMMs + GELU alone on pre-sorted rows (a floor).
 
-- ``dense``: ``Linear(D, k*Hd) -> GELU -> Linear(k*Hd, D)``, the same active MACs as
-  top-k experts of hidden Hd (the reference the ratio column divides by);
-- ``loop``: a per-expert Python loop (Mixtral style: ``where`` the expert was chosen,
-  run it on those tokens, ``index_add`` the weighted output);
-- every registered MoE dispatch (:data:`mmseg_m3vit.models.moe.DISPATCH_IMPLS`):
-  ``sorted`` (portable) and, on CUDA, ``grouped`` (grouped GEMM; timed on CUDA only,
-  since elsewhere it falls back to ``sorted``).
+``--expert-parallel`` (under torchrun, 2+ GPUs): one MoE layer at the task-batched
+training shape with experts replicated (grouped dispatch + the expert-gradient
+all-reduce DDP would do) vs sharded over the GPUs (``expert_parallel.py``, all-to-all),
+for E = 16 and 64, with the two collectives timed alone; ``--train`` adds the full
+4-task training step under mmengine's DDP, replicated vs sharded.
 
-A benchmark, not a test: it prints milliseconds per forward+backward (median over
-``--iters`` after warm-up) and the ratio to ``dense``. CUDA runs only when available.
-The CPU default uses fewer images (``--cpu-images``) so it finishes in seconds.
+``--device cpu --small`` runs at toy sizes so that the tests can run it; its numbers
+mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import os.path as osp
 import statistics
 import sys
@@ -33,117 +40,416 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+HERE = osp.dirname(osp.abspath(__file__))
+sys.path.insert(0, osp.dirname(osp.dirname(HERE)))
+sys.path.insert(0, HERE)
+
+from benchmark import bench, table  # noqa: E402
 
 from mmseg_m3vit.models.moe import DISPATCH_IMPLS, vmoe_top_k  # noqa: E402
-from mmseg_m3vit.models.moe.dispatch import expert_loop_dispatch  # noqa: E402
+from mmseg_m3vit.models.moe.grouped import grouped_dispatch  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# ----------------------------------------------------------------------------- one GPU
+class Problem:
+    """Tokens, routing, experts and the equal-cost dense MLP of one layer."""
+
+    def __init__(
+        self, m: int, d: int, hd: int, e: int, k: int, device: str, grad: bool, seed: int = 0
+    ) -> None:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def param(*shape: int, scale: float) -> Tensor:
+            t = (torch.randn(*shape, generator=g) * scale).to(device)
+            return t.requires_grad_(grad)
+
+        self.m, self.d, self.hd, self.e, self.k = m, d, hd, e, k
+        self.x = param(m, d, scale=1.0)
+        self.experts = (
+            param(e, d, hd, scale=d**-0.5),
+            param(e, hd, scale=0.02),
+            param(e, hd, d, scale=hd**-0.5),
+            param(e, d, scale=0.02),
+        )
+        self.dense = (
+            param(k * hd, d, scale=d**-0.5),
+            param(k * hd, scale=0.02),
+            param(d, k * hd, scale=(k * hd) ** -0.5),
+            param(d, scale=0.02),
+        )
+        router = torch.randn(d, e, generator=g).to(device) * 0.02
+        with torch.no_grad():
+            gate = vmoe_top_k((self.x.detach() @ router).float(), k, with_stats=False)
+        self.ids = gate.expert_ids
+        self.gates = gate.gates.requires_grad_(grad)
+        self.grad_out = torch.randn(m, d, generator=g).to(device)
+
+    def dense_mlp(self) -> Tensor:
+        fc1, fb1, fc2, fb2 = self.dense
+        return F.linear(F.gelu(F.linear(self.x, fc1, fb1)), fc2, fb2)
+
+    def moe(self, fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
+        return lambda: fn(self.x, self.ids, self.gates, *self.experts)
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs of the active experts (2 per multiply-add)."""
+        return 2 * 2 * self.m * self.d * self.hd * self.k
 
 
-def time_fn(fn: Callable[[], torch.Tensor], device: torch.device, iters: int, warmup: int):
-    """Median milliseconds of ``fn().sum().backward()``."""
+def implementations(p: Problem, device: str, compile_: bool) -> dict[str, Callable[[], Tensor]]:
+    """Name -> forward of every variant (dense first: the baseline)."""
+    impls = {f"dense MLP {p.d}-{p.hd * p.k}-{p.d} (equal active FLOPs)": p.dense_mlp}
+    for name, fn in DISPATCH_IMPLS.items():
+        if name == "auto":
+            continue  # the same as the fused row on CUDA bf16, as sorted elsewhere
+        if device != "cuda" and name in ("fused", "grouped"):
+            continue  # CUDA paths: elsewhere they fall back to 'sorted'
+        if name == "loop" and p.m > 20000:
+            continue  # minutes at batch 64; its scaling is clear from the smaller rows
+        impls[name] = p.moe(fn)
+    if device == "cuda" and compile_:
+        impls["grouped + torch.compile"] = p.moe(torch.compile(grouped_dispatch))
+    return impls
+
+
+def layer_table(
+    p: Problem, device: str, warmup: int, reps: int, backward: bool, compile_: bool = False
+) -> str:
+    """(a) / (a'): GPU and wall ms of each variant and the ratio to the dense MLP."""
+    amp = torch.bfloat16 if device == "cuda" else torch.float32
+    rows, base = [], None
+    for name, fwd in implementations(p, device, compile_).items():
+
+        def step(fwd: Callable[[], Tensor] = fwd) -> None:
+            with torch.autocast(device, dtype=amp, enabled=device == "cuda"):
+                out = fwd()
+            if backward:
+                out.backward(p.grad_out.to(out.dtype))
+
+        ctx = torch.enable_grad() if backward else torch.inference_mode()
+        with ctx:
+            gpu = bench(step, device, warmup, reps, hide_launch=True)
+            wall = bench(step, device, warmup, reps)
+        base = base or (gpu, wall)
+        flops = p.flops * (3 if backward else 1)
+        rows.append(
+            [
+                name,
+                f"{gpu:.3f}",
+                f"{gpu / base[0]:.2f}x",
+                f"{flops / (gpu * 1e-3) / 1e12:.0f}",
+                f"{wall:.3f}",
+                f"{wall / base[1]:.2f}x",
+            ]
+        )
+    what = "fwd+bwd" if backward else "forward (inference)"
+    title = (
+        f"MoE FFN {what}, {p.m} tokens, D={p.d}, E={p.e}, top-{p.k}, Hd={p.hd}, "
+        f"{'bf16 autocast' if device == 'cuda' else 'fp32'}; GPU = kernels queued ahead "
+        "(launch overhead hidden), wall = eager incl. launches"
+    )
+    header = ["implementation", "GPU ms", "vs dense", "TFLOP/s", "wall ms", "vs dense"]
+    return table(title, header, rows)
+
+
+def profile_tables(p: Problem, reps: int = 20) -> str:
+    """(a''): per-kernel CUDA time of one fwd+bwd for fused and grouped, and the floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    text = []
+    for name in ("fused", "grouped"):
+        fwd = p.moe(DISPATCH_IMPLS[name])
+
+        def step(fwd: Callable[[], Tensor] = fwd) -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fwd()
+            out.backward(p.grad_out.to(out.dtype))
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+        per: dict[str, float] = {}
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                key = evt.name[:70]
+                per[key] = per.get(key, 0.0) + evt.device_time / reps
+        rows = [[k, f"{v:.1f}"] for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:14]]
+        rows.append(["total", f"{sum(per.values()):.1f}"])
+        text.append(table(f"(a'') {name}: CUDA us per fwd+bwd, by kernel", ["kernel", "us"], rows))
+    # floor: the two grouped GEMMs + GELU on pre-sorted rows, fwd+bwd
+    flat = p.ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    offs = torch.bincount(flat, minlength=p.e).cumsum(0).to(torch.int32)
+    xs = p.x.detach().bfloat16()[order // p.k].requires_grad_(True)
+    w1 = p.experts[0].detach().bfloat16().requires_grad_(True)
+    w2 = p.experts[2].detach().bfloat16().requires_grad_(True)
+    gs = torch.randn(p.m * p.k, p.d, device="cuda", dtype=torch.bfloat16)
+
+    def floor() -> None:
+        torch._grouped_mm(F.gelu(torch._grouped_mm(xs, w1, offs=offs)), w2, offs=offs).backward(gs)
+
+    ms = bench(floor, "cuda", 10, 50, hide_launch=True)
+    text.append(f"GEMM floor: 2 grouped GEMMs + GELU on pre-sorted rows, fwd+bwd: {ms:.3f} ms\n")
+    return "\n".join(text)
+
+
+def tile_sweep(p: Problem, reps: int) -> str:
+    """Fused layer fwd and fwd+bwd ms for several tile shapes of its GEMM kernels."""
+    from mmseg_m3vit.models.moe import fused
+
+    gemm0, wgrad0 = dict(fused.GEMM_TILES), dict(fused.WGRAD_TILES)
+    shapes = [  # BM, BN, BK, warps, stages
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (128, 128, 32, 8, 4),
+        (128, 256, 64, 8, 3),
+    ]
+    fwd = p.moe(DISPATCH_IMPLS["fused"])
+
+    def step(backward: bool) -> Callable[[], None]:
+        def run() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fwd()
+            if backward:
+                out.backward(p.grad_out.to(out.dtype))
+
+        return run
+
+    rows = []
+    for which, cfg in (("GEMM", fused.GEMM_TILES), ("weight-grad", fused.WGRAD_TILES)):
+        for bm, bn, bk, w, st in shapes:
+            cfg.update(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
+            try:
+                with torch.no_grad():
+                    f = bench(step(False), "cuda", 3, reps, hide_launch=True)
+                fb = bench(step(True), "cuda", 3, reps, hide_launch=True)
+                rows.append([which, f"{bm}x{bn}x{bk} w{w} s{st}", f"{f:.3f}", f"{fb:.3f}"])
+            except Exception as exc:  # e.g. out of shared memory for this shape
+                rows.append([which, f"{bm}x{bn}x{bk} w{w} s{st}", "failed", type(exc).__name__])
+        fused.GEMM_TILES.update(gemm0)
+        fused.WGRAD_TILES.update(wgrad0)
+    return table(
+        f"fused tile sweep, {p.m} tokens (other kernel at its default)",
+        ["kernel", "tile", "fwd ms", "fwd+bwd ms"],
+        rows,
+    )
+
+
+# ----------------------------------------------------------------------------- EP
+def _timed_all_ranks(fn: Callable[[], object], warmup: int, reps: int) -> float:
+    """Median ms of ``fn`` over ``reps`` runs, every rank starting together."""
+    import torch.distributed as dist
+
     for _ in range(warmup):
-        fn().float().sum().backward()
-    _sync(device)
+        fn()
     times = []
-    for _ in range(iters):
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        dist.barrier()
         t0 = time.perf_counter()
-        fn().float().sum().backward()
-        _sync(device)
+        fn()
+        torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def run_device(args: argparse.Namespace, device: torch.device, images: int) -> list[tuple]:
-    """Time every implementation on ``device``; returns rows (name, ms, ratio)."""
-    dtype = getattr(torch, args.dtype)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    m, d, e, k, hd = images * args.tokens, args.dim, args.experts, args.top_k, args.hidden
+def expert_parallel_rows(num_experts: int, warmup: int, reps: int) -> list[str]:
+    """One MoE layer fwd+bwd, replicated vs expert-parallel, for one expert count."""
+    import torch.distributed as dist
 
-    def param(*shape, scale):
-        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-        return t.requires_grad_()
+    from mmseg_m3vit.models.moe.expert_parallel import expert_parallel_ffn
 
-    x = param(m, d, scale=1.0)
-    w1, b1 = param(e, d, hd, scale=d**-0.5), param(e, hd, scale=0.02)
-    w2, b2 = param(e, hd, d, scale=hd**-0.5), param(e, d, scale=0.02)
-    router = param(d, e, scale=0.02)
-    fc1, fc2 = param(k * hd, d, scale=d**-0.5), param(d, k * hd, scale=(k * hd) ** -0.5)
-    fb1, fb2 = param(k * hd, scale=0.02), param(d, scale=0.02)
-    with torch.no_grad():
-        gate = vmoe_top_k((x @ router).float(), k)
-    ids, gates = gate.expert_ids, gate.gates.to(dtype).requires_grad_()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    m, d, hd, k = 8 * 4 * 1201, 384, 384, 4
+    g = torch.Generator(device="cuda").manual_seed(1000 + rank)  # tokens differ per rank
+    x = torch.randn(m, d, device="cuda", generator=g)
+    ids = torch.rand(m, num_experts, device="cuda", generator=g).topk(k, dim=1).indices
+    gates = torch.rand(m, k, device="cuda", generator=g)
+    probe = torch.randn(m, d, device="cuda", generator=g)
+    torch.manual_seed(0)  # same experts on every rank
+    full = [
+        (torch.randn(num_experts, d, hd, device="cuda") / d**0.5).requires_grad_(),
+        torch.zeros(num_experts, hd, device="cuda", requires_grad=True),
+        (torch.randn(num_experts, hd, d, device="cuda") / hd**0.5).requires_grad_(),
+        torch.zeros(num_experts, d, device="cuda", requires_grad=True),
+    ]
+    e_l = num_experts // world
+    local = [w.detach()[rank * e_l : (rank + 1) * e_l].clone().requires_grad_() for w in full]
 
-    impls: dict[str, Callable[[], torch.Tensor]] = {
-        "dense": lambda: F.linear(F.gelu(F.linear(x, fc1, fb1)), fc2, fb2),
-        "loop": lambda: expert_loop_dispatch(x, ids, gates, w1, b1, w2, b2),
-    }
-    for name, fn in DISPATCH_IMPLS.items():
-        if name == "loop" or (name != "sorted" and device.type != "cuda"):
-            continue  # the fast paths are CUDA-only and fall back to 'sorted' elsewhere
-        impls[name] = lambda fn=fn: fn(x, ids, gates, w1, b1, w2, b2)
+    def replicated() -> Tensor:
+        with torch.autocast("cuda", torch.bfloat16):
+            y = grouped_dispatch(x, ids, gates, *full)
+        (y.float() * probe).sum().backward()
+        flat = torch.cat([w.grad.reshape(-1) for w in full])  # DDP's bucketed all-reduce
+        dist.all_reduce(flat)
+        for w in full:
+            w.grad = None
+        return y
+
+    def sharded() -> Tensor:
+        with torch.autocast("cuda", torch.bfloat16):
+            y = expert_parallel_ffn(x, ids, gates, *local, num_experts=num_experts)
+        (y.float() * probe).sum().backward()
+        for w in local:
+            w.grad = None
+        return y
+
+    rows_bf16 = torch.randn(m * k, d, device="cuda", dtype=torch.bfloat16)
+    splits = [m * k // world] * world
+
+    def exchange() -> None:  # the 4 all-to-alls of one fwd+bwd, on their own
+        for _ in range(4):
+            dist.all_to_all_single(torch.empty_like(rows_bf16), rows_bf16, splits, splits)
+
+    def all_reduce() -> None:
+        dist.all_reduce(torch.cat([w.detach().reshape(-1) for w in full]))
+
+    diff = (replicated().float() - sharded().float()).abs().max().item()
+    scale = replicated().float().abs().max().item()
+    ms_rep = _timed_all_ranks(replicated, warmup, reps)
+    ms_ep = _timed_all_ranks(sharded, warmup, reps)
+    params = sum(w.numel() for w in full)
+    ms_x, ms_ar = (
+        _timed_all_ranks(exchange, warmup, reps),
+        _timed_all_ranks(all_reduce, warmup, reps),
+    )
+    e = num_experts
+    return [
+        f"| {e} | (part) expert-grad all-reduce alone, fp32 | {ms_ar:.2f} | - | - | - |",
+        f"| {e} | (part) 4 all-to-alls of the M*k bf16 rows alone | {ms_x:.2f} | - | - | - |",
+        f"| {e} | replicated + expert-grad all-reduce | {ms_rep:.2f} | 1.00x | "
+        f"{params * 2 / 1e6:.1f} | - |",
+        f"| {e} | expert-parallel (all-to-all) | {ms_ep:.2f} | {ms_rep / ms_ep:.2f}x | "
+        f"{params * 2 / world / 1e6:.1f} | {diff:.2e} (max abs out {scale:.2f}) |",
+    ]
+
+
+def expert_parallel_train_step(sharded: bool, warmup: int, reps: int) -> tuple[float, float, float]:
+    """(ms/step, peak GiB on this GPU, first-step loss) of the 4-task training step."""
+    import torch.distributed as dist
+    from benchmark import DEFAULT_CONFIG, batch_to, build_model
+    from mmengine.model import MMDistributedDataParallel
+    from mmengine.optim import AmpOptimWrapper
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmseg_m3vit.datasets.random_mt import random_batch
+    from mmseg_m3vit.models.moe.expert_parallel import shard_experts
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = build_model(DEFAULT_CONFIG, False, "cuda", task_batched=True)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).train()
+    if sharded:
+        ignore = shard_experts(model)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    ddp = MMDistributedDataParallel(
+        module=model, device_ids=[torch.cuda.current_device()], broadcast_buffers=False
+    )
+    batch = batch_to(random_batch(8, (480, 640), list(model.tasks), seed=rank), "cuda")
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    wrapper = AmpOptimWrapper(optimizer=sgd, dtype="bfloat16")
+    torch.cuda.reset_peak_memory_stats()
+    loss = float(ddp.train_step(batch, wrapper)["loss"])
+    ms = _timed_all_ranks(lambda: ddp.train_step(batch, wrapper), warmup, reps)
+    return ms, torch.cuda.max_memory_allocated() / 2**30, loss
+
+
+def expert_parallel_main(args: argparse.Namespace) -> None:
+    """Run under torchrun: print the expert-parallel tables on rank 0."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    world = dist.get_world_size()
+    say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
+    say(f"{world} x {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = []
-    dense_ms = None
-    for name, fn in impls.items():
-        print(f"  timing {name} on {device} ...", file=sys.stderr, flush=True)
-        ms = time_fn(fn, device, args.iters, args.warmup)
-        dense_ms = ms if name == "dense" else dense_ms
-        rows.append((name, ms, ms / dense_ms))
-    return rows
+    for e in args.ep_experts:
+        rows += expert_parallel_rows(e, 5, args.reps)
+    say(
+        f"\n**one MoE layer fwd+bwd per GPU, {world} GPUs, 8x4x1201 tokens per GPU, "
+        "D 384, Hd 384, top-4, bf16 autocast**\n\n"
+        "| E | experts | ms (median) | speed-up | expert MB per GPU (bf16) | max abs diff |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows),
+        flush=True,
+    )
+    if args.train:
+        rep = expert_parallel_train_step(False, 5, args.reps)
+        gc.collect()
+        torch.cuda.empty_cache()
+        ep = expert_parallel_train_step(True, 5, args.reps)
+        imgs = 8 * world
+        say(
+            f"\n**train step, 4-task NYUD M3ViT, {world} GPUs x 8 images at 480x640, bf16 "
+            "autocast, SGD, mmengine DDP**\n\n"
+            "| experts | ms/step | images/s | speed-up | peak GiB (GPU 0) | first loss |\n"
+            "|---|---|---|---|---|---|\n"
+            f"| replicated | {rep[0]:.1f} | {imgs / rep[0] * 1e3:.1f} | 1.00x | "
+            f"{rep[1]:.2f} | {rep[2]:.4f} |\n"
+            f"| expert-parallel | {ep[0]:.1f} | {imgs / ep[0] * 1e3:.1f} | "
+            f"{rep[0] / ep[0]:.2f}x | {ep[1]:.2f} | {ep[2]:.4f} |",
+            flush=True,
+        )
+    dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line (see the module docstring)."""
-    p = argparse.ArgumentParser(description="MoE FFN vs dense MLP vs per-expert loop")
-    p.add_argument("--images", type=int, default=8, help="images per batch on CUDA")
-    p.add_argument("--cpu-images", type=int, default=1, help="images per batch on CPU")
-    p.add_argument("--tokens", type=int, default=1201, help="tokens per image (1+N)")
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=384, help="expert hidden dims")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16"],
-        help="default: float32 on CPU, bfloat16 on CUDA",
-    )
-    p.add_argument("--device", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--small", action="store_true", help="toy sizes (CPU smoke test)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    p.add_argument("--profile", action="store_true", help="per-kernel tables and GEMM floor")
+    p.add_argument("--compile", action="store_true", help="add grouped + torch.compile rows")
+    p.add_argument("--tile-sweep", action="store_true", help="fused kernels' tile shapes")
+    p.add_argument("--infer-batches", default="1,8,64", help="(a') images, comma-separated")
+    p.add_argument("--expert-parallel", action="store_true", help="torchrun, 2+ GPUs")
+    p.add_argument("--ep-experts", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--train", action="store_true", help="with --expert-parallel: train step")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[tuple]]:
-    """Run the benchmark and print one table per device."""
+def main(argv: list[str] | None = None) -> list[str]:
+    """Print the tables; returns them (markdown strings)."""
     args = parse_args(argv)
-    if not 1 <= args.top_k <= args.experts:
-        raise SystemExit(f"--top-k {args.top_k} must be in [1, --experts {args.experts}]")
-    requested_dtype = args.dtype
-    results = {}
-    for dev in args.device:
-        if dev == "cuda" and not torch.cuda.is_available():
-            print("CUDA not available: skipping the GPU run", file=sys.stderr)
-            continue
-        args.dtype = requested_dtype or ("bfloat16" if dev == "cuda" else "float32")
-        images = args.images if dev == "cuda" else args.cpu_images
-        device = torch.device(dev)
-        name = torch.cuda.get_device_name(device) if dev == "cuda" else "CPU"
-        rows = run_device(args, device, images)
-        print(
-            f"\n{name}: {images} x {args.tokens} tokens, D={args.dim}, E={args.experts}, "
-            f"top-{args.top_k}, hidden {args.hidden}, {args.dtype}, forward+backward"
-        )
-        print(f"{'impl':<10}{'ms':>12}{'x dense':>10}")
-        for impl, ms, ratio in rows:
-            print(f"{impl:<10}{ms:>12.3f}{ratio:>10.2f}")
-        results[dev] = rows
-    return results
+    if args.expert_parallel:
+        expert_parallel_main(args)
+        return []
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available; use --device cpu --small")
+    reps = args.reps or (2 if args.small else 50)
+    warmup = 1 if args.small else 10
+    if device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}\n", flush=True)
+    d, hd, e, k, tokens = (16, 16, 4, 2, 9) if args.small else (384, 384, 16, 4, 1201)
+    train_images = 2 if args.small else 8
+    problem = Problem(train_images * tokens, d, hd, e, k, device, True)
+    out = [layer_table(problem, device, warmup, reps, True, args.compile)]
+    print("(a) " + out[-1], flush=True)
+    batches = [int(v) for v in args.infer_batches.split(",") if v.strip()]
+    for b in batches if not args.small else [1]:
+        problem = Problem(b * tokens, d, hd, e, k, device, False)
+        out.append(layer_table(problem, device, warmup, reps, False, args.compile))
+        print("(a') " + out[-1], flush=True)
+    if args.tile_sweep and device == "cuda":
+        out.append(tile_sweep(Problem(train_images * tokens, d, hd, e, k, device, True), reps))
+        print(out[-1], flush=True)
+    if args.profile and device == "cuda":
+        out.append(profile_tables(Problem(train_images * tokens, d, hd, e, k, device, True)))
+        print(out[-1], flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..moe import ROUTER_VARIANTS, MoEFFN, MoERouting
-from ..moe.dispatch import get_dispatch
 from ..task_order import TaskNamesMixin, attach_task_names
 
 EXPERT_INIT_MODES = ("split", "random")
@@ -221,15 +220,10 @@ class M3ViT(TaskNamesMixin, BaseModule):
             raise ValueError(f"tasks {self.tasks} repeats a task")
         if embed_dims % num_heads != 0:
             raise ValueError(f"num_heads={num_heads} does not divide embed_dims={embed_dims}")
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         if expert_init not in EXPERT_INIT_MODES:
             raise ValueError(
                 f"unknown expert_init {expert_init!r}; choose one of {list(EXPERT_INIT_MODES)}"
             )
-        get_dispatch(dispatch)
         moe_layers = list(range(1, num_layers, 2)) if moe_layers is None else list(moe_layers)
         bad = [i for i in moe_layers if not 0 <= i < num_layers]
         if bad:
@@ -272,8 +266,9 @@ class M3ViT(TaskNamesMixin, BaseModule):
 
     # ------------------------------------------------------------------ init / loading
     def _reset_dense_parameters(self) -> None:
-        """timm ViT init: every matrix (linears, experts, routers) trunc-normal std 0.02,
-        zero biases, LayerNorms at identity; position embeddings and CLS std 0.02."""
+        """timm ViT init: every linear (routers included) trunc-normal std 0.02, zero
+        biases, LayerNorms at identity; position embeddings and CLS std 0.02. The experts
+        are initialised by :class:`MoEFFN` itself, with the same distribution."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -281,11 +276,6 @@ class M3ViT(TaskNamesMixin, BaseModule):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, MoEFFN):
-                for w in (m.w1, m.w2):
-                    nn.init.trunc_normal_(w, std=0.02)
-                nn.init.zeros_(m.b1)
-                nn.init.zeros_(m.b2)
 
     def init_weights(self) -> None:
         """Load ``pretrained`` (if set) on top of the random init done at construction

@@ -1,144 +1,58 @@
-"""Dropless MoE dispatch: run each expert once over the tokens routed to it.
+"""The one table of MoE dispatch implementations, and the automatic choice.
 
-The dispatch functions here are pure (no module state): they take the flattened tokens,
-the router's choice and the stacked expert weights, and return the weighted sum of the
-chosen experts' outputs per token. Shapes (M tokens, D model dims, Hd expert hidden
-dims, E experts, k experts per token):
+All implementations compute the same function (contract in :mod:`.reference`):
 
-- ``x``: (M, D) tokens (already LayerNorm'd: the same input the router saw)
-- ``expert_ids``: (M, k) long, expert index per token and slot, in [0, E)
-- ``gates``: (M, k) float, weight of each chosen expert (not renormalised)
-- ``w1`` (E, D, Hd), ``b1`` (E, Hd), ``w2`` (E, Hd, D), ``b2`` (E, D)
-- returns (M, D): ``sum_j gates[m, j] * expert[expert_ids[m, j]](x[m])`` where
-  ``expert[e](v) = GELU(v @ w1[e] + b1[e]) @ w2[e] + b2[e]`` (exact erf GELU).
+- ``'fused'``: Triton kernels that gather, multiply and combine in one pass each
+  (:mod:`.fused`); CUDA, bf16 compute;
+- ``'grouped'``: ``torch._grouped_mm`` with gathers and combine around it
+  (:mod:`.grouped`); CUDA, bf16 compute;
+- ``'sorted'``: the portable reference (:func:`.reference.sorted_dispatch`);
+- ``'loop'``: the per-expert-loop baseline of the benchmarks;
+- ``'auto'`` (the default): per call, the first of fused, grouped, sorted that serves
+  the inputs. bf16 (autocast) CUDA runs take the fused kernels; float32 runs and CPU
+  runs keep the reference path and its float32 numerics.
 
-Implementations are registered by name in :data:`DISPATCH_IMPLS`; ``'sorted'`` is the
-portable reference path (CPU and GPU), ``'loop'`` the per-expert-loop baseline that the
-benchmarks compare against. A grouped-matmul CUDA path can be added with
-:func:`register_dispatch` (e.g. ``'grouped'``); ``'auto'`` picks it for CUDA tensors
-when registered, else ``'sorted'``.
+Fused and grouped fall back to the sorted path themselves when they cannot serve a call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-DispatchFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+from .fused import fused_dispatch, fused_expert_ffn, fused_usable
+from .grouped import grouped_dispatch, grouped_expert_ffn, grouped_mm_usable
+from .reference import DispatchFn, check_dispatch_inputs, expert_loop_dispatch, sorted_dispatch
 
 
-def check_dispatch_inputs(
-    x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
-) -> None:
-    """Raise ``ValueError`` naming the argument whose shape does not match the contract."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be (M, D), got shape {tuple(x.shape)}")
-    m, d = x.shape
-    if expert_ids.dim() != 2 or expert_ids.shape[0] != m:
-        raise ValueError(f"expert_ids must be (M={m}, k), got {tuple(expert_ids.shape)}")
-    if gates.shape != expert_ids.shape:
-        raise ValueError(
-            f"gates must have the shape of expert_ids {tuple(expert_ids.shape)}, "
-            f"got {tuple(gates.shape)}"
-        )
-    if w1.dim() != 3 or w1.shape[1] != d:
-        raise ValueError(f"w1 must be (E, D={d}, Hd), got {tuple(w1.shape)}")
-    e, _, hd = w1.shape
-    expected = {"b1": (e, hd), "w2": (e, hd, d), "b2": (e, d)}
-    for name, t in (("b1", b1), ("w2", w2), ("b2", b2)):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{name} must be {expected[name]}, got {tuple(t.shape)}")
-    if expert_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
-
-
-def sorted_dispatch(
+def auto_dispatch(
     x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
 ) -> Tensor:
-    """Sort the (token, slot) pairs by expert and run each non-empty expert once.
-
-    The M*k assignments are stably sorted by expert id; the tokens are gathered in that
-    order (``index_select``), split into one contiguous chunk per expert, each chunk goes
-    through its expert's FFN in one matmul pair, outputs are scaled by their gate and
-    scatter-added back to their token (``index_add_``). Experts with no token are skipped.
-    Cost: one Python iteration per expert (never per token), gathered activations of
-    size (M*k, D). See the module docstring for shapes.
-    """
+    """Fused kernels where usable, else the grouped GEMM, else the sorted reference."""
     check_dispatch_inputs(x, expert_ids, gates, w1, b1, w2, b2)
-    m, d = x.shape
-    k = expert_ids.shape[1]
-    num_experts = w1.shape[0]
-    flat_ids = expert_ids.reshape(-1).long()
-    order = torch.argsort(flat_ids, stable=True)
-    token_idx = order // k
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    if len(counts) > num_experts:
-        raise ValueError(f"expert_ids hold values >= num_experts={num_experts}")
-    gathered = x.index_select(0, token_idx)
-    outputs = []
-    for e, chunk in enumerate(gathered.split(counts)):
-        if counts[e] == 0:
-            continue
-        hidden = F.gelu(torch.addmm(b1[e], chunk, w1[e]))
-        outputs.append(torch.addmm(b2[e], hidden, w2[e]))
-    y = torch.cat(outputs) if outputs else gathered.new_zeros((0, d))
-    y = y * gates.reshape(-1).index_select(0, order).unsqueeze(1).to(y.dtype)
-    return x.new_zeros((m, d), dtype=y.dtype).index_add_(0, token_idx, y)
+    if fused_usable(x, w1):
+        return fused_expert_ffn(x, expert_ids, gates, w1, b1, w2, b2)
+    if grouped_mm_usable(x, w1):
+        return grouped_expert_ffn(x, expert_ids, gates, w1, b1, w2, b2)
+    return sorted_dispatch(x, expert_ids, gates, w1, b1, w2, b2)
 
 
-def expert_loop_dispatch(
-    x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
-) -> Tensor:
-    """The straightforward baseline (Mixtral style): per expert, find its tokens and run them.
-
-    Same function as :func:`sorted_dispatch`, but ``torch.where`` per expert costs a host
-    synchronisation each; kept as the ``'loop'`` implementation for benchmarks.
-    """
-    check_dispatch_inputs(x, expert_ids, gates, w1, b1, w2, b2)
-    out = None
-    for e in range(w1.shape[0]):
-        token, slot = torch.where(expert_ids == e)
-        if token.numel() == 0:
-            continue
-        h = F.gelu(x[token] @ w1[e] + b1[e])
-        y = (h @ w2[e] + b2[e]) * gates[token, slot].unsqueeze(1).to(h.dtype)
-        if out is None:
-            out = x.new_zeros(x.shape, dtype=y.dtype)
-        out.index_add_(0, token, y)
-    return out if out is not None else x.new_zeros(x.shape)
+DISPATCH_IMPLS: dict[str, DispatchFn] = {
+    "auto": auto_dispatch,
+    "fused": fused_dispatch,
+    "grouped": grouped_dispatch,
+    "sorted": sorted_dispatch,
+    "loop": expert_loop_dispatch,
+}
 
 
-DISPATCH_IMPLS: dict[str, DispatchFn] = {"sorted": sorted_dispatch, "loop": expert_loop_dispatch}
-
-
-def register_dispatch(name: str, fn: DispatchFn) -> None:
-    """Register a dispatch implementation under ``name`` (same signature as sorted)."""
-    if name == "auto":
-        raise ValueError("'auto' is reserved for the automatic choice")
-    DISPATCH_IMPLS[name] = fn
-
-
-def get_dispatch(name: str, device: torch.device | None = None) -> DispatchFn:
-    """Return the dispatch function called ``name``.
-
-    ``'auto'`` returns ``'grouped'`` for CUDA devices when such an implementation has
-    been registered, otherwise ``'sorted'``.
-    """
-    if name == "auto":
-        if device is not None and device.type == "cuda" and "grouped" in DISPATCH_IMPLS:
-            return DISPATCH_IMPLS["grouped"]
-        return DISPATCH_IMPLS["sorted"]
+def get_dispatch(dispatch: str | DispatchFn) -> DispatchFn:
+    """The dispatch function for a name of :data:`DISPATCH_IMPLS`, or ``dispatch``
+    itself when it is already a callable with the dispatch signature."""
+    if callable(dispatch):
+        return dispatch
     try:
-        return DISPATCH_IMPLS[name]
-    except KeyError:
+        return DISPATCH_IMPLS[dispatch]
+    except (KeyError, TypeError):
         raise ValueError(
-            f"unknown MoE dispatch {name!r}; choose 'auto' or one of {sorted(DISPATCH_IMPLS)}"
+            f"unknown MoE dispatch {dispatch!r}; choose one of {sorted(DISPATCH_IMPLS)}"
         ) from None
-
-
-# The grouped-matmul CUDA path (torch._grouped_mm) registers itself as 'grouped', which
-# 'auto' then picks for CUDA tensors; imported last because it builds on the names above.
-from . import grouped  # noqa: E402, F401

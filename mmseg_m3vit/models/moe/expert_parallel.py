@@ -1,4 +1,9 @@
-"""Expert parallelism: the E experts of an MoE layer sharded over the ranks of a group.
+"""Experimental expert parallelism: the E experts of an MoE layer sharded over ranks.
+
+Not used by any config: measured on two GPUs it is slower than replicated experts at
+this model's size (``benchmarks/RESULTS.md``). It is switched on explicitly, per
+model, by :func:`shard_experts`, which slices the experts and sets each MoE layer's
+``dispatch`` to an :class:`ExpertParallelDispatch`.
 
 Rank r of a group of W ranks holds experts ``[r*E/W, (r+1)*E/W)`` (contiguous blocks).
 Every rank routes its own tokens with its (replicated) router; the chosen (token, slot)
@@ -9,17 +14,13 @@ expert hidden dims, E experts in all, E_l = E / W local experts)::
 
     x (M, D), expert_ids (M, k) in [0, E), gates (M, k)
     w1 (E_l, D, Hd), b1 (E_l, Hd), w2 (E_l, Hd, D), b2 (E_l, D)   # this rank's experts
-    -> (M, D), the same function as :func:`.dispatch.sorted_dispatch` with all E experts
+    -> (M, D), the same function as :func:`.reference.sorted_dispatch` with all E experts
 
 Differentiable end to end (``torch.distributed.nn`` all-to-all). The expert gradients on
 the owner rank are the SUM of every rank's contribution; a data-parallel wrapper
 averages the other gradients over the ranks, so :func:`shard_experts` scales the local
 expert gradients by 1/W to keep both on the same objective (the mean of the ranks'
-losses).
-
-Status (issue 7 item 4): built and measured on 2 H200s against replicated experts under
-DDP (``tools/gpu/expert_parallel_bench.py``, numbers in ``benchmarks/RESULTS.md``); not
-wired into the training configs, because the measurement did not show a speed-up.
+losses). Benchmark: ``tools/analysis_tools/benchmark_moe.py --expert-parallel``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from torch import Tensor, nn
 from torch.distributed.nn.functional import all_to_all_single
 
 from .grouped import (
-    _CombineSlots,
-    _compute_dtype,
-    _GatherTokens,
+    combine_slots,
+    gather_sorted_rows,
     grouped_mm_usable,
     grouped_rows_ffn,
     sort_by_expert,
 )
+from .moe_ffn import MoEFFN
+from .reference import matmul_dtype
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 
@@ -84,7 +86,7 @@ def expert_parallel_ffn(
         )
     m, d = x.shape
     k = expert_ids.shape[1]
-    dtype = _compute_dtype(x) if grouped_mm_usable(x, w1) else x.dtype
+    dtype = matmul_dtype(x) if grouped_mm_usable(x, w1) else x.dtype
     order, inv_order, _ = sort_by_expert(expert_ids, num_experts)
     token_of = order // k
     counts = torch.bincount(expert_ids.reshape(-1).long(), minlength=num_experts)
@@ -97,7 +99,7 @@ def expert_parallel_ffn(
     send, recv = host[:world], host[world : 2 * world]
     per_expert_host = host[2 * world :]
     rows_out = sum(recv)
-    xs = _GatherTokens.apply(x.to(dtype), token_of, inv_order, k)  # (M*k, D) by dest rank
+    xs = gather_sorted_rows(x.to(dtype), token_of, inv_order, k)  # (M*k, D) by dest rank
     got = all_to_all_single(xs.new_empty((rows_out, d)), xs, recv, send, group=group)
     # received rows are ordered (source rank, local expert): regroup by local expert
     local_ids = torch.arange(e_local, device=x.device).repeat(world)
@@ -107,13 +109,37 @@ def expert_parallel_ffn(
     inv_perm = torch.empty_like(perm).scatter_(0, perm, torch.arange(rows_out, device=x.device))
     y = y.index_select(0, inv_perm)  # back to (source rank, local expert) order
     ys = all_to_all_single(y.new_empty((m * k, d)), y, send, recv, group=group)
-    return _CombineSlots.apply(ys, gates.to(dtype), order, inv_order, token_of)
+    return combine_slots(ys, gates.to(dtype), order, inv_order, token_of)
+
+
+class ExpertParallelDispatch:
+    """A dispatch callable (see :mod:`.dispatch`) running :func:`expert_parallel_ffn`
+    over ``group`` with this rank's experts; E = local experts x group size."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group if group is not None else dist.group.WORLD
+
+    def __call__(
+        self,
+        x: Tensor,
+        expert_ids: Tensor,
+        gates: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
+    ) -> Tensor:
+        num_experts = w1.shape[0] * dist.get_world_size(self.group)
+        return expert_parallel_ffn(
+            x, expert_ids, gates, w1, b1, w2, b2, num_experts=num_experts, group=self.group
+        )
+
+    def __repr__(self) -> str:
+        return f"ExpertParallelDispatch(world={dist.get_world_size(self.group)})"
 
 
 def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
     """The :class:`~.moe_ffn.MoEFFN` modules of ``model``."""
-    from .moe_ffn import MoEFFN
-
     return (m for m in model.modules() if isinstance(m, MoEFFN))
 
 
@@ -121,7 +147,7 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> l
     """Keep only this rank's experts in every MoE layer and route through all-to-all.
 
     Replaces each layer's ``w1/b1/w2/b2`` by this rank's contiguous slice (same values),
-    sets ``ep_group`` (the layer then calls :func:`expert_parallel_ffn`) and scales the
+    sets its ``dispatch`` to an :class:`ExpertParallelDispatch` and scales the
     local expert gradients by 1/W (see the module docstring). Call after the weights are
     identical on all ranks (same seed or a loaded checkpoint) and before wrapping in DDP.
 
@@ -146,5 +172,5 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> l
             setattr(layer, pname, local)
             prefix = by_module[id(layer)]
             names.append(f"{prefix}.{pname}" if prefix else pname)
-        layer.ep_group = group if group is not None else dist.group.WORLD
+        layer.dispatch = ExpertParallelDispatch(group)
     return names

@@ -1,4 +1,4 @@
-"""V-MoE top-k gating and the load-balancing loss (M3VIT.md section 1).
+"""V-MoE top-k gating and the load-balancing loss (docs/model.md, gating).
 
 Pure functions: everything the loss needs is returned, nothing is kept on modules.
 Shapes: M tokens, E experts, k experts per token, G routing groups (one group per
@@ -19,40 +19,57 @@ class GateOutput(NamedTuple):
     Attributes:
         expert_ids: (M, k) long, chosen experts, highest probability first.
         gates: (M, k) float, their softmax probabilities (not renormalised).
-        importance_per_token: (M, E) gate weight of each expert, 0 where not chosen.
+        importance_per_token: (M, E) gate weight of each expert, 0 where not chosen;
+            None when not asked for (``with_stats=False``).
         load_per_token: (M, E) 1 where chosen (noise off) or the smooth probability of
-            being in the top-k (noise on, V-MoE); no gradient when noise is off.
+            being in the top-k (noise on, V-MoE); no gradient when noise is off; None
+            when not asked for.
     """
 
     expert_ids: Tensor
     gates: Tensor
-    importance_per_token: Tensor
-    load_per_token: Tensor
+    importance_per_token: Tensor | None
+    load_per_token: Tensor | None
+
+
+def check_moe_sizes(num_experts: int, top_k: int) -> None:
+    """Raise ``ValueError`` unless ``num_experts >= 1`` and ``1 <= top_k <= num_experts``."""
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
 
 
 def vmoe_top_k(
-    logits: Tensor, k: int, noise_std: float = 0.0, training: bool = False
+    logits: Tensor,
+    k: int,
+    noise_std: float = 0.0,
+    training: bool = False,
+    with_stats: bool = True,
 ) -> GateOutput:
     """Softmax over all E experts first, then top-k; weights are not renormalised.
 
     Args:
         logits: (M, E) router logits (no bias).
-        k: experts per token, 1 <= k <= E.
+        k: experts per token, 1 <= k <= E (:func:`check_moe_sizes`, checked where the
+            layer is built).
         noise_std: when ``training`` and > 0, Gaussian noise of std ``noise_std / E`` is
             added to the logits before the softmax, and the load uses the smooth
             probability that an expert stays in the top-k under re-sampled noise.
         training: apply noise only in training.
+        with_stats: also return the per-token importance and load that
+            :func:`balance_loss` needs (inference skips them).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (M, E), got shape {tuple(logits.shape)}")
     num_experts = logits.shape[1]
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {k}")
     sigma = noise_std / num_experts
     noisy = training and noise_std > 0
     noisy_logits = logits + torch.randn_like(logits) * sigma if noisy else logits
     probs = noisy_logits.float().softmax(dim=-1).to(logits.dtype)
     gates, expert_ids = probs.topk(k, dim=-1)
+    if not with_stats:
+        return GateOutput(expert_ids, gates, None, None)
     importance = torch.zeros_like(probs).scatter(1, expert_ids, gates)
     if noisy and k < num_experts:
         # P(expert e in top-k) = P(clean_e + noise > threshold_e), threshold_e = the k-th
@@ -86,7 +103,7 @@ def balance_loss(
     """Sum over routing groups of ``cv2(importance) + cv2(load)`` (unweighted).
 
     Args:
-        gate: output of :func:`vmoe_top_k` for M tokens.
+        gate: output of :func:`vmoe_top_k` for M tokens, with its statistics.
         group_of_token: (M,) long group id per token in [0, num_groups) (one group per
             task in a mixed-task batch), or None for a single group. Groups with no
             token contribute nothing.
@@ -95,6 +112,8 @@ def balance_loss(
     Returns:
         Scalar float32 tensor.
     """
+    if gate.importance_per_token is None or gate.load_per_token is None:
+        raise ValueError("balance_loss needs vmoe_top_k(..., with_stats=True)")
     imp, load = gate.importance_per_token.float(), gate.load_per_token.float()
     if group_of_token is None:
         return cv_squared(imp.sum(0)) + cv_squared(load.sum(0))

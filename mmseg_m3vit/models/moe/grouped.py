@@ -1,6 +1,6 @@
 """Grouped-matmul MoE dispatch: the CUDA fast path of the expert FFN.
 
-Same contract as :func:`.dispatch.sorted_dispatch` (M tokens, D dims, Hd expert hidden
+Same contract as :func:`.reference.sorted_dispatch` (M tokens, D dims, Hd expert hidden
 dims, E experts, k experts per token)::
 
     x (M, D), expert_ids (M, k) int, gates (M, k)
@@ -18,12 +18,12 @@ computed on the device (:func:`sort_by_expert`: sort + searchsorted). Around the
 - tokens are gathered into expert order once; the backward sums each token's k rows
   (a gather, not an atomic scatter-add);
 - outputs are un-sorted, gated and summed over the k slots by one ``embedding_bag``;
-  its backward is written out in sorted order (:class:`_CombineSlots`).
+  its backward is written out in sorted order (:func:`combine_slots`).
 
 ``torch._grouped_mm`` needs bf16 operands and rows of a multiple of 16 bytes on CUDA, so
 :func:`grouped_dispatch` takes this path only for CUDA tensors computed in bf16 (bf16
 inputs, or float inputs under bf16 autocast) with D and Hd multiples of 8, and falls back
-to :func:`.dispatch.sorted_dispatch` otherwise. :func:`grouped_expert_ffn` runs on any
+to :func:`.reference.sorted_dispatch` otherwise. :func:`grouped_expert_ffn` runs on any
 device where the installed torch implements ``_grouped_mm`` for the dtype (CPU float32
 in recent torch), which is how the CPU tests check the indexing and the backward.
 """
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import check_dispatch_inputs, register_dispatch, sorted_dispatch
+from .reference import check_dispatch_inputs, matmul_dtype, sorted_dispatch
 
 _ROW_ALIGN_BYTES = 16
 
@@ -90,6 +90,23 @@ class _CombineSlots(torch.autograd.Function):
             dots = (ys * rows).sum(-1)  # (M*k,)
             grad_gates = dots.index_select(0, inv_order).view_as(gates)
         return grad_ys, grad_gates, None, None, None
+
+
+def gather_sorted_rows(x: Tensor, token_of: Tensor, inv_order: Tensor, k: int) -> Tensor:
+    """``x[token_of]`` (M*k, D) in expert-sorted order; the backward sums each token's k rows.
+
+    ``token_of`` (M*k,) token of each sorted row, ``inv_order`` (M*k,) sorted position of
+    each flat assignment ``m*k + j`` (from :func:`sort_by_expert`).
+    """
+    return _GatherTokens.apply(x, token_of, inv_order, k)
+
+
+def combine_slots(
+    ys: Tensor, gates: Tensor, order: Tensor, inv_order: Tensor, token_of: Tensor
+) -> Tensor:
+    """(M, D) ``out[m] = sum_j gates[m, j] * ys[inv_order[m*k + j]]`` for expert-sorted
+    rows ``ys`` (M*k, D); differentiable in ``ys`` and ``gates``."""
+    return _CombineSlots.apply(ys, gates, order, inv_order, token_of)
 
 
 def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -190,19 +207,12 @@ def grouped_expert_ffn(
     # added to the M tokens before the gather (cheaper than to the M*k rows).
     d_aug, hd_aug = _augmented_dims(d, hd, compute_dtype)
     x_aug = _with_ones_column(x.to(compute_dtype), d_aug)  # (M, D_aug)
-    xs = _GatherTokens.apply(x_aug, token_of, inv_order, k)  # (M*k, D_aug), expert-sorted
+    xs = gather_sorted_rows(x_aug, token_of, inv_order, k)  # (M*k, D_aug), expert-sorted
     w1_aug = _with_bias_row(w1, b1, d_aug, compute_dtype)  # (E, D_aug, Hd)
     hidden = F.gelu(torch._grouped_mm(xs, w1_aug, offs=offs))  # (M*k, Hd)
     w2_aug = _with_bias_row(w2, b2, hd_aug, compute_dtype)  # (E, Hd_aug, D)
     ys = torch._grouped_mm(_with_ones_column(hidden, hd_aug), w2_aug, offs=offs)  # (M*k, D)
-    return _CombineSlots.apply(ys, gates.to(compute_dtype), order, inv_order, token_of)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype matmuls on ``x`` run in: the autocast dtype when autocast is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return combine_slots(ys, gates.to(compute_dtype), order, inv_order, token_of)
 
 
 def grouped_mm_usable(x: Tensor, w1: Tensor) -> bool:
@@ -214,7 +224,7 @@ def grouped_mm_usable(x: Tensor, w1: Tensor) -> bool:
     return (
         x.is_cuda
         and hasattr(torch, "_grouped_mm")
-        and _compute_dtype(x) == torch.bfloat16
+        and matmul_dtype(x) == torch.bfloat16
         and x.shape[1] % 8 == 0
         and w1.shape[2] % 8 == 0
     )
@@ -223,9 +233,9 @@ def grouped_mm_usable(x: Tensor, w1: Tensor) -> bool:
 def grouped_dispatch(
     x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
 ) -> Tensor:
-    """Dispatch entry point (registered as ``'grouped'``): grouped GEMM where usable.
+    """Dispatch entry point (``'grouped'``): grouped GEMM where usable.
 
-    Falls back to :func:`.dispatch.sorted_dispatch` (same result in the input precision)
+    Falls back to :func:`.reference.sorted_dispatch` (same result in the input precision)
     where :func:`grouped_mm_usable` says no, e.g. on CPU or for float32 compute.
     Returns (M, D) in the compute dtype (bf16 on the fast path).
     """
@@ -233,6 +243,3 @@ def grouped_dispatch(
     if not grouped_mm_usable(x, w1):
         return sorted_dispatch(x, expert_ids, gates, w1, b1, w2, b2)
     return grouped_expert_ffn(x, expert_ids, gates, w1, b1, w2, b2, torch.bfloat16)
-
-
-register_dispatch("grouped", grouped_dispatch)

@@ -1,15 +1,15 @@
-"""Mixture-of-experts feed-forward layer (dropless, V-MoE gate, sorted dispatch)."""
+"""Mixture-of-experts feed-forward layer (dropless, V-MoE gate; docs/model.md)."""
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .dispatch import get_dispatch
-from .gating import balance_loss, vmoe_top_k
+from .gating import balance_loss, check_moe_sizes, vmoe_top_k
+from .reference import DispatchFn
 from .routers import build_router
 
 
@@ -40,7 +40,12 @@ class MoEFFN(nn.Module):
         num_tasks: T (routers per layer for multi_gate; one-hot size for task_conditioned).
         task_embed_dims: g of the task-conditioned router.
         noise_std: router noise std (divided by E), training only.
-        dispatch: dispatch implementation name (see :mod:`.dispatch`).
+        dispatch: how the experts run: a name of :data:`.dispatch.DISPATCH_IMPLS`
+            ('auto' picks per call) or a callable with the dispatch signature (e.g.
+            :class:`.expert_parallel.ExpertParallelDispatch`).
+
+    This layer initialises its experts (:meth:`reset_expert_parameters`); the
+    backbone does not touch them.
     """
 
     def __init__(
@@ -53,13 +58,10 @@ class MoEFFN(nn.Module):
         num_tasks: int = 1,
         task_embed_dims: int = 64,
         noise_std: float = 0.0,
-        dispatch: str = "auto",
+        dispatch: str | DispatchFn = "auto",
     ) -> None:
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        check_moe_sizes(num_experts, top_k)
         get_dispatch(dispatch)  # validates the name
         self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
         self.noise_std, self.dispatch = float(noise_std), dispatch
@@ -70,14 +72,12 @@ class MoEFFN(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dims, dim))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
         self.reset_expert_parameters()
-        # set by expert_parallel.shard_experts: w1..b2 then hold this rank's experts only
-        self.ep_group = None
 
     def reset_expert_parameters(self) -> None:
-        """Expert matrices uniform in +-1/sqrt(fan_in) (like ``nn.Linear``); zero biases."""
+        """Expert matrices truncated normal with std 0.02 (the ViT init of every other
+        matrix of the backbone); zero biases."""
         for w in (self.w1, self.w2):
-            bound = 1.0 / math.sqrt(w.shape[1])
-            nn.init.uniform_(w, -bound, bound)
+            nn.init.trunc_normal_(w, std=0.02)
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
 
@@ -95,22 +95,15 @@ class MoEFFN(nn.Module):
         """
         b, n, d = x.shape
         logits = self.router(x, task_ids)
-        gate = vmoe_top_k(logits.reshape(b * n, -1), self.top_k, self.noise_std, self.training)
-        experts = (self.w1, self.b1, self.w2, self.b2)
-        if self.ep_group is not None:
-            from .expert_parallel import expert_parallel_ffn
-
-            y = expert_parallel_ffn(
-                x.reshape(b * n, d),
-                gate.expert_ids,
-                gate.gates,
-                *experts,
-                num_experts=self.num_experts,
-                group=self.ep_group,
-            )
-        else:
-            fn = get_dispatch(self.dispatch, x.device)
-            y = fn(x.reshape(b * n, d), gate.expert_ids, gate.gates, *experts)
+        gate = vmoe_top_k(
+            logits.reshape(b * n, -1),
+            self.top_k,
+            self.noise_std,
+            self.training,
+            with_stats=self.training,
+        )
+        fn = get_dispatch(self.dispatch)
+        y = fn(x.reshape(b * n, d), gate.expert_ids, gate.gates, self.w1, self.b1, self.w2, self.b2)
         if self.training:
             if task_ids is None:
                 loss = balance_loss(gate)

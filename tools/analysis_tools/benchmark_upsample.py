@@ -1,6 +1,6 @@
-"""PUP head x2 upsampling on the H200: micro-benchmark + part (c) per implementation.
+"""PUP head x2 upsampling on a GPU: micro-benchmark + part (c) per implementation.
 
-    python tools/gpu/pup_upsample_bench.py [--impls interpolate,lerp,triton] [--reps 20]
+    python tools/analysis_tools/benchmark_upsample.py [--impls interpolate,lerp,triton]
 
 1. Device copy ceiling (1 GiB device-to-device copy, bytes read + written).
 2. Each x2 upsampling of the head at batch 64 (bf16, channels-last, as the head sees
@@ -8,33 +8,31 @@
    :func:`upsample2x_triton`; error against F.interpolate in float32 on the same bf16
    input (outputs poisoned first), GPU ms (median, launches hidden) and GB/s of the
    minimal traffic (input read once + output written once).
-3. tools/analysis_tools/benchmark.py part (c) at batch 64, once per implementation
-   (``pup_head.UPSAMPLE_IMPL``), in this one process: same GPU, same peak.
+3. ``benchmark.py`` part (c) at batch 64, once per implementation
+   (``upsample.UPSAMPLE_IMPL``), in this one process: same GPU, same peak.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import pathlib
+import os.path as osp
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from mmseg_m3vit.models.decode_heads import pup_head
+HERE = osp.dirname(osp.abspath(__file__))
+sys.path.insert(0, osp.dirname(osp.dirname(HERE)))
+sys.path.insert(0, HERE)
 
-_spec = importlib.util.spec_from_file_location(
-    "benchmark", pathlib.Path(__file__).parents[1] / "analysis_tools" / "benchmark.py"
-)
-benchmark = importlib.util.module_from_spec(_spec)
-sys.modules["benchmark"] = benchmark
-_spec.loader.exec_module(benchmark)
+import benchmark  # noqa: E402
+
+from mmseg_m3vit.models.decode_heads import upsample  # noqa: E402
 
 FNS = {
     "interpolate": lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False),
-    "lerp": pup_head.upsample2x_lerp,
-    "triton": pup_head.upsample2x_triton,
+    "lerp": upsample.upsample2x_lerp,
+    "triton": upsample.upsample2x_triton,
 }
 # (C, H, W) of the inputs of the head's four x2 upsamplings at 480x640 (semseg, 40 classes)
 STAGES = [(256, 30, 40), (256, 60, 80), (256, 120, 160), (40, 240, 320)]
@@ -129,8 +127,8 @@ def main() -> None:
         if not ok[impl]:
             print(f"skip part (c) with {impl}: failed the checks")
             continue
-        pup_head.UPSAMPLE_IMPL = impl
-        print(f"### part (c) with pup_head.UPSAMPLE_IMPL = {impl!r}\n", flush=True)
+        upsample.UPSAMPLE_IMPL = impl
+        print(f"### part (c) with upsample.UPSAMPLE_IMPL = {impl!r}\n", flush=True)
         print(benchmark.inference_part(dev, cfg, False, [args.batch], peak, args.reps), flush=True)
         torch.cuda.empty_cache()
 

@@ -1,0 +1,378 @@
+"""Fused MoE dispatch: Triton kernels that gather, multiply and combine in one pass each.
+
+Same contract as :func:`.reference.sorted_dispatch` (M tokens, D dims, Hd expert hidden
+dims, E experts, k slots)::
+
+    x (M, D), expert_ids (M, k) int, gates (M, k)
+    w1 (E, D, Hd), b1 (E, Hd), w2 (E, Hd, D), b2 (E, D)
+    -> (M, D) = sum_j gates[m, j] * (GELU(x[m] @ w1[e] + b1[e]) @ w2[e] + b2[e]),
+       e = expert_ids[m, j]
+
+Forward, with no host synchronisation (so a CUDA graph can capture it):
+
+1. a stable counting sort of the M*k assignments by expert (two small kernels);
+2. one grouped GEMM that gathers each assignment's token row while loading its operand
+   and applies ``+ b1``, the exact GELU (and keeps the pre-activation for backward);
+3. one grouped GEMM for ``@ w2 + b2`` that writes each row to its (token, slot) place;
+4. one kernel that sums each token's k rows weighted by its gates.
+
+Backward: the gate gradient (row dot products), one grouped GEMM for the hidden-layer
+gradient with the gate scale and GELU' in its epilogue, two weight-gradient kernels
+(with the bias gradients), one grouped GEMM for the input rows and one slot sum.
+Operands are bf16 with fp32 accumulation; weight and bias gradients are written in
+fp32 and returned in the parameters' dtype. The kernels are in :mod:`.fused_kernels`;
+this path is used for CUDA tensors computed in bf16 (:func:`fused_usable`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .reference import check_dispatch_inputs, matmul_dtype, sorted_dispatch
+
+try:  # torch's CUDA wheels ship triton; CPU installs usually do not
+    import triton
+
+    from . import fused_kernels as kernels
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    kernels = None
+
+#: Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``), which
+#: the tests use to check them without a GPU.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Tile shapes (rows x columns x reduction, warps, pipeline stages) of the grouped GEMM
+#: and weight-gradient kernels, from the tile sweep of
+#: ``tools/analysis_tools/benchmark_moe.py --tile-sweep`` on an H200 (benchmarks/RESULTS.md).
+GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+WGRAD_TILES = dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4)
+_ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
+_SORT_BLOCK_ELEMS = 8192  # BLOCK x E_P2 one-hot elements per sort program
+
+
+def fused_usable(x: Tensor, w1: Tensor) -> bool:
+    """Whether :func:`fused_expert_ffn` serves this call: triton is installed, the
+    tensors are on CUDA (or the Triton interpreter is on), the matmuls run in bf16
+    (bf16 inputs or bf16 autocast) and D, Hd are multiples of 8 (16-byte rows)."""
+    return (
+        kernels is not None
+        and (x.is_cuda or INTERPRET)
+        and matmul_dtype(x) == torch.bfloat16
+        and x.shape[1] % 8 == 0
+        and w1.shape[2] % 8 == 0
+    )
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class ExpertSort:
+    """Sorted layout of the (token, slot) assignments, computed on the device.
+
+    Attributes:
+        order: (R,) int32 flat index ``m*k + j`` at each sorted position.
+        offs: (E+1,) int32 first sorted position of each expert; ``offs[E] = R``.
+        num_experts: E. top_k: k.
+    """
+
+    def __init__(self, expert_ids: Tensor, num_experts: int) -> None:
+        m, k = expert_ids.shape
+        r = m * k
+        ids = expert_ids.reshape(-1)
+        e_p2 = max(_next_pow2(num_experts), 2)
+        block = max(16, _SORT_BLOCK_ELEMS // e_p2)
+        blocks = triton.cdiv(r, block) if r else 0
+        self.order = torch.empty(r, dtype=torch.int32, device=ids.device)
+        self.offs = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+        self.num_experts, self.top_k = num_experts, k
+        if r == 0:
+            return
+        hist = torch.empty(blocks, e_p2, dtype=torch.int32, device=ids.device)
+        kernels.expert_histogram_kernel[(blocks,)](ids, hist, r, E_P2=e_p2, BLOCK=block)
+        kernels.expert_place_kernel[(blocks,)](
+            ids,
+            hist,
+            self.order,
+            self.offs,
+            r,
+            blocks,
+            E=num_experts,
+            E_P2=e_p2,
+            BLOCK=block,
+            S_CHUNK=64,
+        )
+
+
+def _gemm(
+    a: Tensor,
+    sort: ExpertSort,
+    w: Tensor,
+    transpose_w: bool,
+    out: Tensor,
+    *,
+    gather_a: bool,
+    scatter_out: bool,
+    bias: Tensor | None = None,
+    gelu: bool = False,
+    pre: Tensor | None = None,
+    save_pre: bool = False,
+    scale: Tensor | None = None,
+    gelu_grad: bool = False,
+) -> None:
+    """One :func:`.fused_kernels.expert_gemm_kernel` launch over all sorted rows.
+
+    ``w`` (E, K, N), or (E, N, K) used transposed when ``transpose_w``.
+    """
+    e = w.shape[0]
+    if transpose_w:
+        n, k = w.shape[1], w.shape[2]
+        s_k, s_n = w.stride(2), w.stride(1)
+    else:
+        k, n = w.shape[1], w.shape[2]
+        s_k, s_n = w.stride(1), w.stride(2)
+    r = sort.order.shape[0]
+    cfg = GEMM_TILES
+    tiles = triton.cdiv(r, cfg["BM"]) + e
+    grid = (tiles * triton.cdiv(n, cfg["BN"]),)
+    dummy = out
+    kernels.expert_gemm_kernel[grid](
+        a,
+        a.stride(0),
+        sort.order,
+        sort.offs,
+        w,
+        w.stride(0),
+        s_k,
+        s_n,
+        bias if bias is not None else dummy,
+        scale if scale is not None else dummy,
+        pre if pre is not None else dummy,
+        out,
+        out.stride(0),
+        n,
+        k,
+        E=e,
+        E_P2=max(_next_pow2(e), 2),
+        TOP_K=sort.top_k,
+        GATHER_A=gather_a,
+        SCATTER_OUT=scatter_out,
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
+        SAVE_PRE=save_pre,
+        SCALE_ROWS=scale is not None,
+        GELU_GRAD=gelu_grad,
+        **cfg,
+    )
+
+
+def _wgrad(
+    a: Tensor,
+    b: Tensor,
+    sort: ExpertSort,
+    *,
+    gather_a: bool,
+    gather_b: bool,
+    scale: Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(dw (E, K1, N1), db (E, N1)) = per expert A_e^T @ B_e and column sums of B_e."""
+    e = sort.num_experts
+    k1, n1 = a.shape[1], b.shape[1]
+    dw = torch.empty(e, k1, n1, dtype=dtype, device=a.device)
+    db = torch.empty(e, n1, dtype=dtype, device=a.device)
+    cfg = WGRAD_TILES
+    grid = (triton.cdiv(k1, cfg["BM"]) * triton.cdiv(n1, cfg["BN"]), e)
+    kernels.expert_wgrad_kernel[grid](
+        a,
+        a.stride(0),
+        b,
+        b.stride(0),
+        sort.order,
+        sort.offs,
+        scale if scale is not None else b,
+        dw,
+        db,
+        k1,
+        n1,
+        TOP_K=sort.top_k,
+        GATHER_A=gather_a,
+        GATHER_B=gather_b,
+        SCALE_B=scale is not None,
+        HAS_DB=True,
+        **cfg,
+    )
+    return dw, db
+
+
+def _combine(y: Tensor, gates: Tensor | None, m: int, k: int, dtype: torch.dtype) -> Tensor:
+    """(M*k, D) rows in flat order -> (M, D) sums over the k slots (gate-weighted)."""
+    d = y.shape[1]
+    out = torch.empty(m, d, dtype=dtype, device=y.device)
+    if m == 0:
+        return out
+    cfg = _ROWS_CFG
+    grid = (triton.cdiv(m, cfg["BR"]), triton.cdiv(d, cfg["BD"]))
+    kernels.slot_combine_kernel[grid](
+        y, gates if gates is not None else y, out, m, d, TOP_K=k, HAS_G=gates is not None, **cfg
+    )
+    return out
+
+
+def _forward(
+    x: Tensor,
+    gates: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    sort: ExpertSort,
+    save: bool,
+    cd: torch.dtype,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Fused forward with operands in ``cd``; returns (out (M, D) in ``cd``, the tensors
+    the backward needs when ``save``)."""
+    m, k = gates.shape
+    r = m * k
+    hd, d = w1.shape[2], w1.shape[1]
+    xb = x.to(cd).contiguous()
+    w1b, b1b, w2b, b2b = (t.to(cd).contiguous() for t in (w1, b1, w2, b2))
+    gb = gates.to(cd).contiguous()
+    h = torch.empty(r, hd, dtype=cd, device=x.device)
+    pre = torch.empty(r, hd, dtype=cd, device=x.device) if save else None
+    y = torch.empty(r, d, dtype=cd, device=x.device)
+    if r:
+        _gemm(
+            xb,
+            sort,
+            w1b,
+            False,
+            h,
+            gather_a=True,
+            scatter_out=False,
+            bias=b1b,
+            gelu=True,
+            pre=pre,
+            save_pre=save,
+        )
+        _gemm(h, sort, w2b, False, y, gather_a=False, scatter_out=True, bias=b2b)
+    out = _combine(y, gb, m, k, cd)
+    return out, ((xb, gb, w1b, w2b, pre, h, y) if save else ())
+
+
+class _FusedExpertFFN(torch.autograd.Function):
+    """Autograd wrapper of the fused forward and backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        gates: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
+        sort: ExpertSort,
+        cd: torch.dtype,
+    ) -> Tensor:
+        out, saved = _forward(x, gates, w1, b1, w2, b2, sort, True, cd)
+        ctx.save_for_backward(*saved)
+        ctx.sort = sort
+        ctx.dtypes = (x.dtype, gates.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        xb, gb, w1b, w2b, pre, h, y = ctx.saved_tensors
+        sort: ExpertSort = ctx.sort
+        x_dtype, g_dtype, w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
+        m, k = gb.shape
+        r = m * k
+        hd, d = w1b.shape[2], w1b.shape[1]
+        cd = w1b.dtype
+        db16 = dout.to(cd).contiguous()
+        dgates = None
+        if ctx.needs_input_grad[1]:
+            dgates = torch.empty(m, k, dtype=g_dtype, device=dout.device)
+            if r:
+                cfg = _ROWS_CFG
+                kernels.slot_dot_kernel[(triton.cdiv(r, cfg["BR"]),)](
+                    db16, y, dgates, r, d, TOP_K=k, **cfg
+                )
+        # dL/dpre = gate * (dout[token] @ w2[e]^T) * GELU'(pre), sorted rows
+        dpre = torch.empty(r, hd, dtype=cd, device=dout.device)
+        if r:
+            _gemm(
+                db16,
+                sort,
+                w2b,
+                True,
+                dpre,
+                gather_a=True,
+                scatter_out=False,
+                scale=gb,
+                pre=pre,
+                gelu_grad=True,
+            )
+        dw2, db2 = _wgrad(
+            h, db16, sort, gather_a=False, gather_b=True, scale=gb, dtype=torch.float32
+        )
+        dw1, db1 = _wgrad(
+            xb, dpre, sort, gather_a=True, gather_b=False, scale=None, dtype=torch.float32
+        )
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dxs = torch.empty(r, d, dtype=cd, device=dout.device)
+            if r:
+                _gemm(dpre, sort, w1b, True, dxs, gather_a=False, scatter_out=True)
+            dx = _combine(dxs, None, m, k, x_dtype)
+        return (
+            dx,
+            dgates,
+            dw1.to(w1_dtype),
+            db1.to(b1_dtype),
+            dw2.to(w2_dtype),
+            db2.to(b2_dtype),
+            None,
+            None,
+        )
+
+
+def fused_expert_ffn(
+    x: Tensor,
+    expert_ids: Tensor,
+    gates: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Dropless top-k expert FFN through the fused kernels (shapes: module docstring).
+
+    Operands are cast to ``compute_dtype``: bf16 (the fast path), or float32, multiplied
+    in full fp32 (slow; used to check the kernels to fp32 rounding). Returns (M, D) in
+    ``compute_dtype``. Differentiable in ``x``, ``gates`` and all weights; the
+    backward skips the input and gate kernels whose gradients are not needed. Runs
+    where the kernels can (:func:`fused_usable` without the dtype condition).
+    """
+    sort = ExpertSort(expert_ids, w1.shape[0])
+    inputs = (x, gates, w1, b1, w2, b2)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _FusedExpertFFN.apply(*inputs, sort, compute_dtype)
+    return _forward(*inputs, sort, False, compute_dtype)[0]
+
+
+def fused_dispatch(
+    x: Tensor, expert_ids: Tensor, gates: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensor:
+    """Dispatch entry point ``'fused'``: the fused kernels where :func:`fused_usable`,
+    else :func:`.reference.sorted_dispatch` (same function in the input precision)."""
+    check_dispatch_inputs(x, expert_ids, gates, w1, b1, w2, b2)
+    if not fused_usable(x, w1):
+        return sorted_dispatch(x, expert_ids, gates, w1, b1, w2, b2)
+    return fused_expert_ffn(x, expert_ids, gates, w1, b1, w2, b2)

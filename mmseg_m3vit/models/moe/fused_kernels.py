@@ -1,0 +1,348 @@
+"""Triton kernels of the fused MoE FFN (:mod:`.fused`); importing this module needs triton.
+
+Notation: M tokens, k slots per token, R = M*k (token, slot) assignments, E experts,
+D model dims, Hd expert hidden dims. An assignment's *flat* index is ``m*k + j``; its
+*sorted* position is its rank in the stable sort of the assignments by expert, so that
+every expert's rows are one contiguous run ``[offs[e], offs[e+1])`` of sorted positions.
+``order[r]`` is the flat index at sorted position r.
+
+Kernels:
+
+- :func:`expert_histogram_kernel` / :func:`expert_place_kernel`: a stable counting sort
+  of the R expert ids in two launches (per-block histograms, then prefix sums and
+  placement), writing ``order`` and ``offs`` with no host synchronisation.
+- :func:`expert_gemm_kernel`: one grouped GEMM over the sorted rows, one expert per row
+  tile. The A-operand rows are gathered on load (token ``order[r] // k``) or read in
+  sorted order; the epilogue adds the expert bias, applies the exact (erf) GELU, scales
+  rows by the gate, multiplies by GELU'(pre-activation) and writes rows either in sorted
+  order or scattered to their flat index (so the slot combine reads contiguous rows).
+- :func:`expert_wgrad_kernel`: per-expert weight gradients ``A_e^T @ B_e`` (rows of
+  either operand gathered on load, B optionally gate-scaled) and the bias gradient.
+- :func:`slot_combine_kernel`: ``out[m] = sum_j g[m, j] * y[m*k + j]`` (g optional).
+- :func:`slot_dot_kernel`: ``dg[m, j] = <dout[m], y[m*k + j]>`` (the gate gradient).
+
+Matrix products take bf16 operands and accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+#: Triton's CPU interpreter (``TRITON_INTERPRET=1``) multiplies bf16 tiles wrongly
+#: (triton 3.6); there the operands are widened to fp32 before ``tl.dot``.
+_WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a @ b with fp32 accumulation; fp32 operands are multiplied in full fp32
+    (not tf32), so that the float32 mode of the kernels is exact to fp32 rounding."""
+    if _WIDEN_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gelu(x):
+    """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), in fp32."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(x):
+    """d GELU / dx = Phi(x) + x phi(x), in fp32."""
+    cdf = 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
+    return cdf + x * INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def expert_histogram_kernel(ids_ptr, hist_ptr, R, E_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """hist[s, e] = number of ids == e among ids[s*BLOCK : (s+1)*BLOCK]."""
+    s = tl.program_id(0)
+    idx = s * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + idx, mask=idx < R, other=E_P2).to(tl.int32)
+    experts = tl.arange(0, E_P2)
+    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+    tl.store(hist_ptr + s * E_P2 + experts, tl.sum(onehot, axis=0))
+
+
+@triton.jit
+def expert_place_kernel(
+    ids_ptr,
+    hist_ptr,
+    order_ptr,
+    offs_ptr,
+    R,
+    S,
+    E: tl.constexpr,
+    E_P2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    S_CHUNK: tl.constexpr,
+):
+    """Stable placement: order[pos(i)] = i for the ids of block s; offs (E+1) from block 0.
+
+    pos(i) = start[e] + (ids == e in blocks before s) + (ids == e before i in block s),
+    e = ids[i], start = exclusive prefix sum of the expert totals.
+    """
+    s = tl.program_id(0)
+    experts = tl.arange(0, E_P2)
+    total = tl.zeros([E_P2], dtype=tl.int32)
+    before = tl.zeros([E_P2], dtype=tl.int32)
+    for s0 in range(0, S, S_CHUNK):
+        blocks = s0 + tl.arange(0, S_CHUNK)
+        h = tl.load(
+            hist_ptr + blocks[:, None] * E_P2 + experts[None, :],
+            mask=(blocks < S)[:, None],
+            other=0,
+        )
+        total += tl.sum(h, axis=0)
+        before += tl.sum(tl.where((blocks < s)[:, None], h, 0), axis=0)
+    start = tl.cumsum(total, axis=0) - total
+    if s == 0:
+        tl.store(offs_ptr + experts, start, mask=experts < E)
+        tl.store(offs_ptr + E, tl.sum(total, axis=0))
+    idx = s * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < R
+    ids = tl.load(ids_ptr + idx, mask=valid, other=E_P2).to(tl.int32)
+    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+    base = tl.sum(onehot * (start + before)[None, :], axis=1)
+    tl.store(order_ptr + base + rank, idx, mask=valid)
+
+
+@triton.jit
+def _row_tile(offs_ptr, t, E: tl.constexpr, E_P2: tl.constexpr, BM: tl.constexpr):
+    """Expert e of row tile t (tiles of BM sorted rows, never straddling two experts),
+    the tile's first sorted row and the expert's end row; e >= E when t is past the end."""
+    experts = tl.arange(0, E_P2)
+    starts = tl.load(offs_ptr + experts, mask=experts < E, other=0)
+    ends = tl.load(offs_ptr + experts + 1, mask=experts < E, other=0)
+    tiles = (ends - starts + BM - 1) // BM
+    tile_end = tl.cumsum(tiles, axis=0)
+    e = tl.sum((tile_end <= t).to(tl.int32), axis=0)
+    sel = experts == e
+    row_start = tl.sum(tl.where(sel, starts, 0), axis=0)
+    row_end = tl.sum(tl.where(sel, ends, 0), axis=0)
+    first_tile = tl.sum(tl.where(sel, tile_end - tiles, 0), axis=0)
+    return e, row_start + (t - first_tile) * BM, row_end
+
+
+@triton.jit
+def expert_gemm_kernel(
+    a_ptr,
+    stride_am,
+    order_ptr,
+    offs_ptr,
+    w_ptr,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    bias_ptr,
+    scale_ptr,
+    pre_ptr,
+    out_ptr,
+    stride_om,
+    N,
+    K,
+    E: tl.constexpr,
+    E_P2: tl.constexpr,
+    TOP_K: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    SCATTER_OUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    GELU_GRAD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """out[row(r)] = epilogue(A[src(r)] @ W[e]) for the sorted rows r of expert e.
+
+    src(r) = order[r] // TOP_K (GATHER_A: the token) or r; row(r) = order[r]
+    (SCATTER_OUT: the flat index) or r. W[e] is (K, N) with the given strides.
+    Epilogue, in this order: + bias[e] (HAS_BIAS); store the pre-activation to
+    ``pre[r]`` (SAVE_PRE); GELU; * scale[order[r]] (SCALE_ROWS); * GELU'(pre[r])
+    (GELU_GRAD, ``pre`` read). One program: BM rows x BN columns.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    t = pid // num_n
+    pid_n = pid % num_n
+    e, row0, row_end = _row_tile(offs_ptr, t, E, E_P2, BM)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    flat = tl.load(order_ptr + rows, mask=rmask, other=0)
+    if GATHER_A:
+        src = flat // TOP_K
+    else:
+        src = rows
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    ks = tl.arange(0, BK)
+    a_ptrs = a_ptr + src.to(tl.int64)[:, None] * stride_am + ks[None, :]
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we
+    w_ptrs += ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = _dot(a, w, acc)
+        a_ptrs += BK
+        w_ptrs += BK * stride_wk
+    omask = rmask[:, None] & cmask[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e * N + cols, mask=cmask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    if SAVE_PRE:
+        tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=omask)
+    if GELU:
+        acc = _gelu(acc)
+    if SCALE_ROWS:
+        scale = tl.load(scale_ptr + flat, mask=rmask, other=0.0)
+        acc = acc * scale.to(tl.float32)[:, None]
+    if GELU_GRAD:
+        pre = tl.load(pre_ptrs, mask=omask, other=0.0)
+        acc = acc * _gelu_grad(pre.to(tl.float32))
+    if SCATTER_OUT:
+        orow = flat
+    else:
+        orow = rows
+    out_ptrs = out_ptr + orow.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def expert_wgrad_kernel(
+    a_ptr,
+    stride_am,
+    b_ptr,
+    stride_bm,
+    order_ptr,
+    offs_ptr,
+    scale_ptr,
+    dw_ptr,
+    db_ptr,
+    K1,
+    N1,
+    TOP_K: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    SCALE_B: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """dw[e] (K1, N1) = A_e^T @ B_e and db[e] (N1) = column sums of B_e (fp32).
+
+    A_e / B_e: the rows of expert e, gathered by token (GATHER_*) or read in sorted
+    order; B rows are scaled by scale[order[r]] (SCALE_B) and rounded to B's dtype
+    before the product. Program (tile, e): BM x BN of dw[e]; loops over e's rows.
+    """
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    num_n = tl.cdiv(N1, BN)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    start = tl.load(offs_ptr + e)
+    end = tl.load(offs_ptr + e + 1)
+    cm = pid_m * BM + tl.arange(0, BM)
+    cn = pid_n * BN + tl.arange(0, BN)
+    mmask = cm < K1
+    nmask = cn < N1
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    db = tl.zeros((BN,), dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + rk
+        rmask = rows < end
+        flat = tl.load(order_ptr + rows, mask=rmask, other=0)
+        if GATHER_A:
+            asrc = flat // TOP_K
+        else:
+            asrc = rows
+        if GATHER_B:
+            bsrc = flat // TOP_K
+        else:
+            bsrc = rows
+        a = tl.load(
+            a_ptr + asrc.to(tl.int64)[:, None] * stride_am + cm[None, :],
+            mask=rmask[:, None] & mmask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + bsrc.to(tl.int64)[:, None] * stride_bm + cn[None, :],
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        if SCALE_B:
+            scale = tl.load(scale_ptr + flat, mask=rmask, other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * scale[:, None]).to(b_ptr.dtype.element_ty)
+        acc = _dot(tl.trans(a), b, acc)
+        if HAS_DB:
+            db += tl.sum(b.to(tl.float32), axis=0)
+    dw_ptrs = dw_ptr + e.to(tl.int64) * K1 * N1 + cm[:, None] * N1 + cn[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    if HAS_DB:
+        if pid_m == 0:
+            tl.store(db_ptr + e * N1 + cn, db.to(db_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def slot_combine_kernel(
+    y_ptr,
+    g_ptr,
+    out_ptr,
+    M,
+    D,
+    TOP_K: tl.constexpr,
+    HAS_G: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """out[m] = sum_j g[m*k + j] * y[m*k + j] (g = 1 without HAS_G); fp32 sum."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < M
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = rmask[:, None] & (cols < D)[None, :]
+    acc = tl.zeros((BR, BD), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        f = rows.to(tl.int64) * TOP_K + j
+        y = tl.load(y_ptr + f[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_G:
+            g = tl.load(g_ptr + f, mask=rmask, other=0.0).to(tl.float32)
+            y = y * g[:, None]
+        acc += y
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def slot_dot_kernel(
+    dout_ptr, y_ptr, dg_ptr, R, D, TOP_K: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr
+):
+    """dg[f] = <dout[f // k], y[f]> over the D columns, fp32 accumulation."""
+    f = tl.program_id(0) * BR + tl.arange(0, BR)
+    fmask = f < R
+    tok = (f // TOP_K).to(tl.int64)
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        mask = fmask[:, None] & (cols < D)[None, :]
+        g = tl.load(dout_ptr + tok[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        y = tl.load(y_ptr + f.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(g.to(tl.float32) * y.to(tl.float32), axis=1)
+    tl.store(dg_ptr + f, acc.to(dg_ptr.dtype.element_ty), mask=fmask)
