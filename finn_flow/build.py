@@ -60,12 +60,16 @@ BOARDS: dict[str, dict[str, Any]] = {
     }
 }
 MARKER = "COMPLETE"
+#: Verification bound (output LSBs) when neither --max-lsb nor fpga.max_lsb is given.
+DEFAULT_MAX_LSB = 16.0
 
 
 # ----------------------------------------------------------------------------- inputs
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--help`` shows each with its default)."""
     from mmengine.config import Config
+
+    from mmseg_m3vit.utils.cli import add_trust_arg
 
     default_tasks = ", ".join(config_tasks(Config.fromfile(DEFAULT_CONFIG)))
     p = argparse.ArgumentParser(
@@ -85,12 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoint of the config's whole model (tools/train.py writes one); "
         "random weights when not given",
     )
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow arbitrary pickled objects in --checkpoint (only for files you trust; "
-        "default: tensors and plain containers only, or M3VIT_TRUST_CHECKPOINT=1)",
-    )
+    add_trust_arg(p)  # --trust-checkpoint
     p.add_argument("--board", default="ZCU104", choices=sorted(BOARDS), help="target board")
     p.add_argument(
         "--out", default=None, help="output folder (None: work_dirs/finn/<task> in the repo)"
@@ -122,6 +121,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="calibration images (None: fpga.calib_images, else 8)",
+    )
+    p.add_argument(
+        "--verify-images",
+        type=int,
+        default=None,
+        help="val images the FINN graphs are verified on against the Brevitas model "
+        "(None: fpga.verify_images, else 8)",
+    )
+    p.add_argument(
+        "--max-lsb",
+        type=float,
+        default=None,
+        help="fail the build when a verified graph differs from the Brevitas model by more "
+        f"than this many LSBs of the output quantizer on any image (None: fpga.max_lsb, "
+        f"else {DEFAULT_MAX_LSB:g}; inf: no bound)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random weights / inputs")
     p.add_argument(
@@ -182,8 +196,14 @@ def check_inputs(args: argparse.Namespace, cfg: Any) -> Path:
         fail(f"--bits must be in [2, 16], got {args.bits}")
     if args.jobs < 0:
         fail(f"--jobs must be >= 0 (0: no worker processes), got {args.jobs}")
+    if args.max_lsb is not None and not args.max_lsb >= 0:
+        fail(f"--max-lsb must be >= 0 (inf: no bound), got {args.max_lsb}")
     if args.piece_nodes < 1:
         fail(f"--piece-nodes must be >= 1, got {args.piece_nodes}")
+    for name in ("calib_images", "verify_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     out = Path(args.out or REPO / "work_dirs" / "finn" / args.task).expanduser().resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +226,25 @@ def clear_previous_build(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def folding_choice(args: argparse.Namespace, fpga: dict) -> tuple[str | None, float | None]:
+    """(folding JSON, target FPS): the command line's, else the task's folding JSON when
+    the config asks for it (``fpga.use_folding_json``), else ``fpga.target_fps``."""
+    if args.folding is not None or args.target_fps is not None:
+        return args.folding, args.target_fps
+    default_fold = FOLDING_DIR / f"{args.task}.json"
+    if fpga.get("use_folding_json", False) and default_fold.is_file():
+        return str(default_fold), None
+    return None, float(fpga.get("target_fps", 30))
+
+
+def verification_bound(args: argparse.Namespace, fpga: dict) -> float | None:
+    """Largest accepted verification error in output LSBs (None: no bound): --max-lsb,
+    else ``fpga.max_lsb``, else :data:`DEFAULT_MAX_LSB`."""
+    bound = args.max_lsb if args.max_lsb is not None else fpga.get("max_lsb")
+    bound = DEFAULT_MAX_LSB if bound is None else float(bound)
+    return None if bound == float("inf") else bound
 
 
 # ----------------------------------------------------------------------------- stages
@@ -306,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_size": list(size),
         "finn": env.as_dict(),
         "status": "running",
+        "not_claimed": list(report.NOT_CLAIMED),
     }
     if args.checkpoint is None:
         print("[build] WARNING: no --checkpoint given: the pathway uses RANDOM WEIGHTS")
@@ -326,23 +366,31 @@ def main(argv: list[str] | None = None) -> int:
         qmodel = qm.build_quant_task_model(fp.backbone, fp.head, args.task, spec, size)
         patch = fp.backbone.patch_size
         n_cal = args.calib_images or int(fpga.get("calib_images", 8))
-        frames, frames_note = input_frames(cfg, n_cal, size, args.seed)
-        qm.calibrate(qmodel, [qm.patchify(img, patch) for img in frames])
+        n_ver = args.verify_images or int(fpga.get("verify_images", 8))
+        frames, frames_note = input_frames(cfg, max(n_cal, n_ver), size, args.seed)
+        qm.calibrate(qmodel, [qm.patchify(img, patch) for img in frames[:n_cal]])
         summary["calibration"] = frames_note
         summary["quantization"] = report.quantization_summary(spec)
-        summary["float_vs_quant"] = compare_float_quant(cfg, fp, qmodel, frames, frames_note)
+        summary["float_vs_quant"] = compare_float_quant(
+            cfg, fp, qmodel, frames[:n_cal], frames_note
+        )
         summary["pathway"] = report.pathway_summary(
             qmodel.pathway.dims, args.task, fp.head, qmodel.head.extra, qmodel.head.out_hw,
             size, bits,
         )  # fmt: skip
         summary["pathway"]["parameters"] = qm.count_parameters(qmodel)
 
-        # 3. QONNX export and the arrays FINN's execution is verified against
-        x = qm.patchify(frames[0], patch)
+        # 3. QONNX export and the arrays FINN's execution is verified against: every
+        # verification frame (stacked) and, in FINN's usual files, the first one
         with torch.no_grad():
-            y = qmodel(x)
+            xs = torch.stack([qm.patchify(img, patch) for img in frames[:n_ver]])
+            ys = torch.stack([qmodel(x) for x in xs])
+        x, y = xs[0], ys[0]
+        np.save(out / "verify_input.npy", xs.numpy().astype(np.float32))
+        np.save(out / "verify_expected_output.npy", ys.numpy().astype(np.float32))
         np.save(out / "input.npy", x.numpy().astype(np.float32))
         np.save(out / "expected_output.npy", y.numpy().astype(np.float32))
+        summary["verification_images"] = f"{n_ver} of the {frames_note}"
         onnx_path = out / "model_qonnx.onnx"
         print("[build] exporting QONNX ...", flush=True)
         export_qonnx(qmodel, args=x, export_path=str(onnx_path), opset_version=17)
@@ -352,14 +400,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from finn_flow import steps
 
-        folding, target_fps = args.folding, args.target_fps
-        if target_fps is None and folding is None:
-            default_fold = FOLDING_DIR / f"{args.task}.json"
-            if fpga.get("use_folding_json", False) and default_fold.is_file():
-                folding = str(default_fold)
-            else:
-                target_fps = float(fpga.get("target_fps", 30))
+        folding, target_fps = folding_choice(args, fpga)
         clock_ns = float(fpga.get("clock_ns", 5.0))
+        summary["max_lsb"] = max_lsb = verification_bound(args, fpga)
         dcfg = steps.M3ViTBuildConfig(
             output_dir=str(finn_dir),
             synth_clk_period_ns=clock_ns,
@@ -370,11 +413,12 @@ def main(argv: list[str] | None = None) -> int:
             generate_outputs=[DataflowOutputType.ESTIMATE_REPORTS],
             enable_build_pdb_debug=False,
             verify_steps=[],
-            verify_input_npy=str(out / "input.npy"),
-            verify_expected_output_npy=str(out / "expected_output.npy"),
+            verify_input_npy=str(out / "verify_input.npy"),
+            verify_expected_output_npy=str(out / "verify_expected_output.npy"),
             save_intermediate_models=True,
             mode=args.mode,
             output_lsb=float(qmodel.head.out_quant.act_quant.scale().item()),
+            max_lsb=max_lsb,
             summary_dir=str(out),
             finn_root=env.root,
             piece_jobs=args.jobs,

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mmseg_m3vit.engine import resolve_data_root
+from mmseg_m3vit.utils import resolve_data_root
 
 #: ``(1, 3, H, W)`` normalised image -> ``(1, C, h, w)`` task logits (NCHW).
 LogitsFn = Callable[[Any], Any]
@@ -75,7 +75,7 @@ def build_val_dataset(cfg: Any) -> tuple[Any, str]:
     """Build ``cfg.val_dataloader.dataset`` (default scope of the config, 'mmseg').
 
     Returns ``(dataset, description)``; ``data_root`` is resolved with
-    :func:`mmseg_m3vit.engine.resolve_data_root` (relative paths: against the working
+    :func:`mmseg_m3vit.utils.resolve_data_root` (relative paths: against the working
     directory, else the repository root).
 
     Raises:

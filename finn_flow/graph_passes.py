@@ -36,6 +36,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.general import GiveUniqueNodeNames
 from qonnx.transformation.infer_data_layouts import InferDataLayouts
 
+import finn_flow.moe_ops  # noqa: F401  (pieces may hold the MoE engine's ops)
 from finn_flow.transforms import DuplicateForkedConstMul, GeluToThresholds, is_gelu_table_op
 
 #: A graph pass: (model, build config) -> model.

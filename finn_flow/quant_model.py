@@ -23,7 +23,8 @@ MoE FFN (top-k of E)          *stand-in computing the same function*: router ->
                               gates g (zero outside top-k); ALL experts computed as one
                               stacked QuantLinear(D, E*Hd) + GELU; hidden scaled by g
                               (expanded by a 0/1 matrix); QuantLinear(E*Hd, D) +
-                              g @ b2. Part 2 replaces it with the reordered scheduler.
+                              g @ b2. The FINN build replaces this region by the
+                              expert-by-expert engine (``--moe reordered``).
 PUP head (task head)          :class:`QuantPUPHead`: drop CLS (Gather -> Crop) -> LayerNorm
                               -> (h, w, D) map -> [QuantConv2d 3x3 + BN + ReLU (BN and ReLU
                               become thresholds), nearest x2 (UpsampleNearestNeighbour)]

@@ -63,6 +63,19 @@ class StepRecords:
         write_atomic(self.path(output_dir), json.dumps(dataclasses.asdict(self), indent=2))
 
 
+#: What a build of this flow does not establish (listed in every SUMMARY.md).
+NOT_CLAIMED = (
+    "no HLS synthesis, place and route or timing closure: resources are estimates "
+    "(finn-plus's, or this project's cost models where finn-plus reports zero) and the "
+    "clock is the target, not a met timing",
+    "no RTL simulation (xsim) and no C-simulation of finn-plus's own layers: the "
+    "verification is Python execution of the graphs against the Brevitas model",
+    "cycles, throughput and latency are analytical models (FINN's per-layer cycle "
+    "estimates, the MoE engine's schedule model), not measurements on a board",
+    "the FIFO depths between layers are not sized (that needs rtlsim)",
+)
+
+
 def dataflow_model(final_model_path: Path) -> Any:
     """The HW-layer graph of a build's final model (inside its dataflow partition)."""
     from qonnx.core.modelwrapper import ModelWrapper
@@ -306,7 +319,13 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
         lines += ["", "## Error", "", "```", summary["error"], "```"]
     ver = summary.get("verification") or []
     if ver:
+        bound = summary.get("max_lsb")
         lines += ["", "## Verification (python execution vs Brevitas)", ""]
+        lines.append(
+            f"On {summary.get('verification_images', 'the exported input')}; the build "
+            + (f"fails above {bound:g} LSB (--max-lsb)." if bound is not None else "has no bound.")
+        )
+        lines.append("")
         lines += ["| stage | max err (LSB) | mean err (LSB) | bit exact |", "|---|---|---|---|"]
         for v in ver:
             lines.append(
@@ -371,4 +390,6 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     lines += ["", "## Steps not run (need Vivado 2024.2 tools)", ""]
     for k, v in STEPS_NOT_RUN.items():
         lines.append(f"- {k}: {v}")
+    lines += ["", "## What this build does not claim", ""]
+    lines += [f"- {item}" for item in NOT_CLAIMED]
     write_atomic(out / "SUMMARY.md", "\n".join(lines) + "\n")

@@ -49,6 +49,8 @@ class M3ViTBuildConfig(DataflowBuildConfig):
         mode: 'estimate' (estimate reports) or 'codegen' (also HLS C++ / Verilog).
         output_lsb: scale of the model's output quantizer (one LSB of the logits); the
             verification errors are reported in these units.
+        max_lsb: largest verification error (in output LSBs, any image, any verified
+            stage) the build accepts; None: no bound.
         summary_dir: the build's output folder (``folding.json`` goes there).
         finn_root: folder of FINN's settings and scratch build folder
             (:func:`finn_flow.finn_env.start_finn`), for piece workers.
@@ -58,6 +60,7 @@ class M3ViTBuildConfig(DataflowBuildConfig):
 
     mode: str = "estimate"
     output_lsb: float = 1.0
+    max_lsb: float | None = None
     summary_dir: str = ""
     finn_root: str = ""
     piece_jobs: int = 0
@@ -81,26 +84,53 @@ def non_hw_nodes(model: ModelWrapper) -> list[tuple[str, str]]:
 
 
 def verify(model: ModelWrapper, cfg: M3ViTBuildConfig, stage: str) -> dict[str, Any]:
-    """Execute ``model`` (Python) on ``cfg.verify_input_npy`` and compare with
-    ``cfg.verify_expected_output_npy`` (the Brevitas model's output); records and returns
-    the absolute errors, also in output LSBs."""
-    x = np.load(cfg.verify_input_npy)
+    """Execute ``model`` (Python) on every frame of ``cfg.verify_input_npy`` and compare
+    with ``cfg.verify_expected_output_npy`` (the Brevitas model's outputs).
+
+    Both files hold a stack of frames along a leading axis: (N, *model input shape) and
+    (N, *model output shape). Records and returns the absolute errors over all frames,
+    also in output LSBs, with the worst error per frame.
+
+    Raises:
+        BuildError: the largest error exceeds ``cfg.max_lsb`` (names the stage, the
+            frame, the error and the bound).
+    """
+    inputs = np.load(cfg.verify_input_npy)
     expected = np.load(cfg.verify_expected_output_npy)
     iname, oname = model.graph.input[0].name, model.graph.output[0].name
-    got = execute_onnx(model, {iname: x})[oname]
-    err = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    errs = []
+    for x, want in zip(inputs, expected, strict=True):
+        got = execute_onnx(model, {iname: x})[oname]
+        errs.append(np.abs(got.astype(np.float64) - want.astype(np.float64)))
+    err = np.stack(errs)
+    per_frame = err.reshape(len(errs), -1).max(axis=1) / cfg.output_lsb
     res = {
         "stage": stage,
+        "images": len(errs),
         "max_abs_error": float(err.max()),
         "mean_abs_error": float(err.mean()),
         "max_error_lsb": float(err.max() / cfg.output_lsb),
         "mean_error_lsb": float(err.mean() / cfg.output_lsb),
+        "max_error_lsb_per_image": [float(v) for v in per_frame],
         "bit_exact": bool(err.max() == 0.0),
+        "max_lsb_bound": cfg.max_lsb,
     }
     records = StepRecords.load(cfg.output_dir)
     records.verification.append(res)
     records.save(cfg.output_dir)
-    print(f"[verify] {stage}: max {res['max_error_lsb']:.3g} LSB, exact={res['bit_exact']}")
+    print(
+        f"[verify] {stage}: {len(errs)} image(s), max {res['max_error_lsb']:.3g} LSB "
+        f"(mean {res['mean_error_lsb']:.3g}), exact={res['bit_exact']}"
+    )
+    # errors are whole LSBs up to float32 rounding of the scale: 1e-3 LSB slack
+    if cfg.max_lsb is not None and res["max_error_lsb"] > cfg.max_lsb + 1e-3:
+        worst = int(per_frame.argmax())
+        raise BuildError(
+            f"verification of the {stage} graph against the Brevitas model: error "
+            f"{res['max_error_lsb']:.4g} LSB of the output quantizer on image {worst} "
+            f"exceeds --max-lsb {cfg.max_lsb:g} (mean {res['mean_error_lsb']:.3g} LSB over "
+            f"{len(errs)} images)"
+        )
     return res
 
 
@@ -236,12 +266,21 @@ def step_m3vit_codegen_types(model: ModelWrapper, cfg: M3ViTBuildConfig) -> Mode
     return model
 
 
-def build_steps(mode: str) -> list[Step]:
-    """The explicit step list: FINN's own steps and this flow's, in order."""
+def build_steps(mode: str, moe: str = "reordered") -> list[Step]:
+    """The explicit step list: FINN's own steps and this flow's, in order.
+
+    ``moe``: 'reordered' swaps each MoE stand-in for the expert-by-expert engine
+    (:mod:`finn_flow.moe_ops`) between streamlining and the conversion to HW layers;
+    'standin' keeps the stand-in.
+    """
+    from finn_flow.moe_ops.step import step_m3vit_moe_reordered
+
+    moe_steps: list[Step] = [step_m3vit_moe_reordered] if moe == "reordered" else []
     steps: list[Step] = [
         step_m3vit_qonnx_to_finn,
         step_m3vit_streamline,
         step_m3vit_verify_streamlined,
+        *moe_steps,
         step_m3vit_convert_to_hw,
         step_m3vit_check_hw,
         step_m3vit_verify_hw,

@@ -8,7 +8,9 @@ Importing the package (directly or through a config's ``custom_imports``):
    and routes mmengine's checkpoint loading (local files and URLs) through the safe
    loader, ``weights_only=True`` with the allow-list of our Runner's checkpoints
    (:mod:`mmseg_m3vit.compat`);
-3. registers every model, data set, transform, metric and hook in mmseg's registries.
+3. registers every model, data set, transform, metric and hook in mmseg's registries;
+4. silences the known third-party deprecation warnings a run would otherwise print
+   (:mod:`mmseg_m3vit.compat.known_warnings`).
 """
 
 from .version import __version__, check_versions
@@ -21,5 +23,8 @@ install_mmcv_ops_fallback()
 install_checkpoint_loader()
 
 from . import datasets, engine, evaluation, models  # noqa: E402, F401
+from .compat.known_warnings import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()
 
 __all__ = ["__version__"]

@@ -177,6 +177,41 @@ def test_loading_resizes_pos_embed_and_splits_experts(tmp_path) -> None:
     assert torch.allclose(summed, dense, atol=1e-5)
 
 
+def test_split_init_forward_is_gated_groups_not_the_dense_mlp(tmp_path) -> None:
+    """What a MoE layer computes right after expert_init='split': sum over the router's
+    top-k of p_j * (dense group i_j mod G, with fc2 bias / G), p_j the softmax
+    probabilities of the randomly initialised router. Rebuilt in float64 from the timm
+    weights and the router matrix; it is not the dense MLP."""
+    torch.manual_seed(0)
+    sd = _timm_state_dict(grid=3)
+    torch.save(sd, tmp_path / "vit.pth")
+    e, k, hd = 8, 2, D
+    model = _small(expert_hidden_dims=hd, num_experts=e, top_k=k).double().eval()
+    load_timm_checkpoint(model, str(tmp_path / "vit.pth"))
+    model.double()
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    y, routing, _ = model.blocks[1].moe(x, torch.tensor([1, 1]))
+    fc1_w, fc1_b = sd["blocks.1.mlp.fc1.weight"].double(), sd["blocks.1.mlp.fc1.bias"].double()
+    fc2_w, fc2_b = sd["blocks.1.mlp.fc2.weight"].double(), sd["blocks.1.mlp.fc2.bias"].double()
+    groups = 4 * D // hd
+
+    def group(g, v):
+        cols = slice(g * hd, (g + 1) * hd)
+        return _gelu(v @ fc1_w[cols].t() + fc1_b[cols]) @ fc2_w[:, cols].t() + fc2_b / groups
+
+    gate = model.blocks[1].moe.router.weight[1].detach().double()  # task 'depth'
+    expected = torch.zeros_like(x)
+    for b in range(2):
+        for n in range(5):
+            p = torch.softmax(x[b, n] @ gate, dim=0)
+            top = sorted(range(e), key=lambda i: -float(p[i]))[:k]
+            expected[b, n] = sum(p[i] * group(i % groups, x[b, n]) for i in top)
+    # (the gate softmax runs in float32: agreement to float32 precision)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    dense = _gelu(x @ fc1_w.t() + fc1_b) @ fc2_w.t() + fc2_b
+    assert (y - dense).norm() > 0.5 * dense.norm()
+
+
 def test_expert_init_random_keeps_experts(tmp_path) -> None:
     path = tmp_path / "vit.pth"
     torch.save(_timm_state_dict(grid=3), path)
@@ -199,6 +234,25 @@ def test_load_errors(tmp_path) -> None:
         good = _timm_state_dict(grid=3)
         torch.save(good, tmp_path / "good.pth")
         load_timm_checkpoint(_small(expert_hidden_dims=24), str(tmp_path / "good.pth"))
+
+
+def test_pretrained_file_that_loads_nothing_fails(tmp_path) -> None:
+    """Lenient for routers (and experts with expert_init='random'), but an empty or
+    unrelated file, or one lacking backbone blocks, fails naming what is missing."""
+    torch.save({}, tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match=r"empty\.pth lacks \d+ backbone tensors"):
+        load_timm_checkpoint(_small(), str(tmp_path / "empty.pth"))
+    unrelated = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 64)}
+    torch.save({"state_dict": unrelated}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match=r"resnet\.pth lacks.*conv1\.weight, fc\.weight"):
+        load_timm_checkpoint(_small(), str(tmp_path / "resnet.pth"))
+    shallow = _timm_state_dict(grid=3, layers=2)  # the model has 4 blocks
+    torch.save(shallow, tmp_path / "shallow.pth")
+    with pytest.raises(ValueError, match=r"blocks\.2\."):
+        load_timm_checkpoint(_small(), str(tmp_path / "shallow.pth"))
+    # through the config key: init_weights fails the same way
+    with pytest.raises(ValueError, match="empty.pth"):
+        _small(pretrained=str(tmp_path / "empty.pth")).init_weights()
 
 
 @pytest.mark.parametrize("router", ["multi_gate", "task_conditioned", "shared"])

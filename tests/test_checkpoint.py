@@ -117,6 +117,7 @@ def _same(a, b, where: str = "") -> None:
         assert a == b or (a != a and b != b), where
 
 
+@pytest.mark.slow  # trains two tiny configs, each with a resume
 def test_allow_list_is_exactly_what_runner_checkpoints_hold(runner_checkpoints) -> None:
     allowed = set(allowed_global_names())
     needed = set()
@@ -140,6 +141,23 @@ def test_allow_list_is_exactly_what_runner_checkpoints_hold(runner_checkpoints) 
         safe = load_checkpoint_file(path)
         _same(safe, torch.load(path, map_location="cpu", weights_only=False), name)
         assert safe["state_dict"]["backbone._extra_state"].dtype == torch.uint8
+
+
+@pytest.mark.slow
+def test_runner_checkpoint_loads_strictly_without_opt_in(runner_checkpoints) -> None:
+    """What the FINN flow and the tools do with a genuine checkpoint: build the model
+    from the config and load the file strictly, with no trust opt-in."""
+    from mmseg.registry import MODELS
+
+    path = runner_checkpoints["mg/iter_6.pth"]
+    cfg = Config.fromstring(load_checkpoint_file(path)["meta"]["cfg"], ".py")
+    init_default_scope("mmseg")
+    model = MODELS.build(cfg.model)
+    meta = load_model_checkpoint(model, path)
+    assert meta["iter"] == 6
+    saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
 
 
 def test_statistics_getattr_refuses_other_attributes(tmp_path) -> None:

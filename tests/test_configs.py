@@ -18,9 +18,9 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import DATASETS, METRICS, MODELS
 
 import mmseg_m3vit  # noqa: F401  (registers the plugin)
-from mmseg_m3vit.engine import check_config_tasks, config_tasks, restrict_to_tasks
-from mmseg_m3vit.engine.preflight import metric_tasks_of
 from mmseg_m3vit.tasks import DATASET_TASKS, TASK_SPECS
+from mmseg_m3vit.utils import check_config_tasks, config_tasks, restrict_to_tasks
+from mmseg_m3vit.utils.preflight import metric_tasks_of
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(

@@ -1,4 +1,4 @@
-"""One data-root resolver for the tools and the FPGA flow (mmseg_m3vit.engine)."""
+"""One data-root resolver for the tools and the FPGA flow (mmseg_m3vit.utils)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
-from mmseg_m3vit.engine import check_data_roots, resolve_data_root
-from mmseg_m3vit.engine.preflight import REPO_ROOT
+from mmseg_m3vit.utils import check_data_roots, resolve_data_root
+from mmseg_m3vit.utils.preflight import REPO_ROOT
 
 
 def test_relative_root_prefers_the_working_directory(tmp_path: Path, monkeypatch) -> None:

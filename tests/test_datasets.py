@@ -1,6 +1,6 @@
 """NYUD-MT and PASCAL-MT data sets on tiny data roots that the tests write themselves.
 
-Each test data root follows the published layouts (M3VIT.md section 5). Expected
+Each test data root follows the published layouts (docs/model.md s. 5). Expected
 values come from the arrays the test wrote, transformed by hand.
 """
 
@@ -159,6 +159,89 @@ def test_missing_and_mismatched_files_are_named_at_load(nyud_root):
         ds[0]
     np.save(nyud_root / "depth" / "b.npy", np.ones((H + 1, W), np.float32))
     with pytest.raises(ValueError, match=r"depth/b\.npy.*images/b\.jpg"):
+        ds[1]
+
+
+def _nyud_loading(root):
+    pipeline = [dict(type="LoadImageFromFile"), dict(type="LoadMultiTaskAnnotations")]
+    return build_dataset(dict(type="NYUDMTDataset", data_root=str(root), pipeline=pipeline))
+
+
+def _damaged_jpeg(path) -> bytes:
+    """A JPEG of the sample whose scan data has 40 zero bytes in its middle: libjpeg
+    warns ("Corrupt JPEG data") and returns partly wrong pixels."""
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)).save(path, quality=90)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 40] = bytes(40)
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_damaged_images_fail_naming_the_file(nyud_root):
+    ds = _nyud_loading(nyud_root)
+    (nyud_root / "images" / "a.jpg").write_bytes(b"")
+    with pytest.raises(OSError, match=r"images/a\.jpg.*empty"):
+        ds[0]
+    (nyud_root / "images" / "b.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(OSError, match=r"images/b\.jpg"):
+        ds[1]
+    _damaged_jpeg(nyud_root / "images" / "c.jpg")
+    for t in ("segmentation", "depth", "normals", "edge"):  # maps of the new size
+        src = next((nyud_root / t).glob("c.*"))
+        if src.suffix == ".png":
+            Image.fromarray(np.ones((48, 64), np.uint8)).save(src)
+        elif t == "normals":
+            np.save(src, np.tile(np.float32([0, 0, 1]), (48, 64, 1)))
+        else:
+            np.save(src, np.ones((48, 64), np.float32))
+    with pytest.raises(OSError, match=r"images/c\.jpg.*Corrupt JPEG data"):
+        ds[2]
+
+
+def test_decoder_warning_can_be_logged_instead(tmp_path, monkeypatch):
+    import cv2
+    from mmcv.transforms import LoadImageFromFile as MMCVLoad
+    from mmseg.registry import TRANSFORMS
+
+    from mmseg_m3vit.datasets.transforms import loading
+
+    logged = []
+    monkeypatch.setattr(loading, "print_log", lambda msg, **kw: logged.append(msg))
+
+    path = tmp_path / "damaged.jpg"
+    data = _damaged_jpeg(path)
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        load = TRANSFORMS.build(dict(type="LoadImageFromFile", on_decoder_warning="warn"))
+    assert isinstance(load, MMCVLoad) and type(load) is not MMCVLoad
+    out = load(dict(img_path=str(path)))
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(out["img"], expected)
+    assert len(logged) == 1 and "damaged.jpg" in logged[0] and "Corrupt JPEG" in logged[0]
+
+
+def test_normals_and_depth_values_are_checked(nyud_root):
+    ds = _nyud_loading(nyud_root)
+    a = 0.3 * nyud_blocks(0)
+    unit = np.stack([np.sin(a), np.zeros_like(a), np.cos(a)], -1).astype(np.float32)
+    # stored as 0..255 colours instead of [-1, 1]
+    np.save(nyud_root / "normals" / "a.npy", np.round((unit + 1) * 127.5).astype(np.float32))
+    with pytest.raises(ValueError, match=r"normals/a\.npy.*\[0, 255\].*\[-1, 1\]"):
+        ds[0]
+    # stored as (n + 1) / 2 in [0, 1]: in range but not unit length
+    np.save(nyud_root / "normals" / "a.npy", ((unit + 1) / 2).astype(np.float32))
+    with pytest.raises(ValueError, match=r"normals/a\.npy.*% of the valid vectors are not unit"):
+        ds[0]
+    # unit vectors with invalid (all-zero) pixels and float16-like rounding pass
+    ok = np.round(unit, 3)
+    ok[0, 0] = 0
+    np.save(nyud_root / "normals" / "a.npy", ok)
+    np.testing.assert_array_equal(ds[0]["gt_normal_map"], ok)
+    depth = (nyud_blocks(1) + 1).astype(np.float32)
+    depth[2, 3] = -0.5
+    np.save(nyud_root / "depth" / "b.npy", depth)
+    with pytest.raises(ValueError, match=r"depth/b\.npy.*1 negative values \(min -0\.5\)"):
         ds[1]
 
 
@@ -344,6 +427,19 @@ def test_pascal_missing_optional_and_required_files(pascal_root):
         dict(type="PascalMTDataset", data_root=str(pascal_root), tasks=["semseg", "parts"])
     )
     assert len(ds) == 2
+
+
+def test_pascal_edges_are_seism_seg2bmap(tmp_path):
+    """Hand-derived BSDS/SEISM seg2bmap: a pixel is a boundary when its label differs
+    from its east, south or south-east neighbour (last row: east only, last column:
+    south only, bottom-right never)."""
+    from mmseg_m3vit.datasets.transforms.loading import DECODERS
+
+    labels = np.array([[0, 0, 2, 2], [0, 1, 2, 2], [3, 3, 3, 2]])
+    scipy.io.savemat(tmp_path / "l.mat", {"LabelMap": labels})
+    expected = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 0]], np.uint8)
+    # (0, 0) is a boundary only through its south-east neighbour (label 1)
+    np.testing.assert_array_equal(DECODERS[("pascal", "edge")](str(tmp_path / "l.mat")), expected)
 
 
 def test_pascal_size_mismatch_is_named(pascal_root):

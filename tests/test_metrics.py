@@ -83,6 +83,29 @@ def test_iou_perfect_prediction_and_class_names():
     assert res == {"semseg/mIoU": 100.0, "semseg/aAcc": 100.0, "semseg/mAcc": 100.0}
 
 
+def test_iou_table_lists_the_classes_in_miou_with_names(capsys):
+    """Classes absent from GT and predictions are left out; a class only predicted is
+    listed with IoU 0 and no accuracy; parts names come from ``parts_classes``."""
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_instance("test_iou_table", logger_name="mmengine")
+    gt = np.array([[0, 0], [4, 255]])
+    pred = np.array([[0, 2], [4, 1]])  # class 2 only predicted; 1 under the ignore pixel
+    metric = MultiTaskIoUMetric(task="parts", num_classes=6)
+    metric.dataset_meta = dict(parts_classes=("bg", "head", "torso", "arms", "hands", "legs"))
+    evaluate(metric, [sample(parts=(pred, gt))])
+    out = capsys.readouterr().out
+    table = out[out.index("per-class results (parts, the 3 of 6 classes") :]
+    rows = [line.split("|")[1:5] for line in table.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in row] for row in rows]
+    assert rows == [
+        ["id", "class", "IoU", "Acc"],
+        ["0", "bg", "50.00", "50.00"],
+        ["2", "torso", "0.00", "-"],
+        ["4", "hands", "100.00", "100.00"],
+    ]
+
+
 def test_iou_rejects_bad_labels_and_sizes():
     metric = MultiTaskIoUMetric(task="semseg", num_classes=2)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
@@ -107,16 +130,31 @@ def test_iou_reads_seg_data_samples():
 
 def test_depth_hand_computed_pixelwise_over_data_set():
     img1 = (np.array([[2.0, 2.0], [5.0, 2.0]]), np.array([[1.0, 2.0], [0.0, 4.0]]))
-    img2 = (np.array([[0.0]]), np.array([[3.0]]))  # prediction 0: clamped to 1 mm for logs
+    img2 = (np.array([[0.0]]), np.array([[3.0]]))  # prediction 0: becomes 1e-9 m
     res = evaluate(DepthErrorMetric(), [sample(depth=img1), sample(depth=img2)])
     # Valid pixels: errors 1, 0, -2 (image 1; gt 0 skipped) and -3 (image 2).
     assert res["depth/rmse"] == pytest.approx(math.sqrt((1 + 0 + 4 + 9) / 4))
     ln2 = math.log(2)
     assert res["depth/log_rmse"] == pytest.approx(
-        math.sqrt((ln2**2 + 0 + ln2**2 + math.log(1e-3 / 3) ** 2) / 4)
+        math.sqrt((ln2**2 + 0 + ln2**2 + math.log(1e-9 / 3) ** 2) / 4)
     )
     assert res["depth/abs_rel"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
     assert res["depth/delta1"] == pytest.approx(25.0)  # only the exact pixel
+
+
+def test_depth_non_positive_predictions_count_as_1e_9():
+    """The official evaluation sets pred[pred <= 0] = 1e-9 before the RMSE."""
+    gt = np.array([[2.0, 3.0, 4.0]])
+    pred = np.array([[-1.0, 0.0, 5.0]])
+    res = evaluate(DepthErrorMetric(), [sample(depth=(pred, gt))])
+    eps = 1e-9
+    assert res["depth/rmse"] == pytest.approx(
+        math.sqrt(((2 - eps) ** 2 + (3 - eps) ** 2 + 1.0) / 3), rel=1e-12
+    )
+    assert res["depth/log_rmse"] == pytest.approx(
+        math.sqrt((math.log(eps / 2) ** 2 + math.log(eps / 3) ** 2 + math.log(5 / 4) ** 2) / 3)
+    )
+    assert res["depth/abs_rel"] == pytest.approx(((2 - eps) / 2 + (3 - eps) / 3 + 0.25) / 3)
 
 
 def test_depth_perfect_and_no_valid_pixel():
@@ -259,6 +297,23 @@ def test_edge_thick_prediction_is_thinned():
     gt = _line().astype(np.uint8)
     band = np.maximum.reduce([_line(col=49), _line(col=50), _line(col=51)])
     assert edge_scores([(band, gt)])["edge/odsF"] > 97.0
+
+
+def test_edge_ground_truth_is_thinned_as_seism_does():
+    """SEISM matches against bwmorph(seg2bmap(labels), 'thin', Inf). A diagonal region
+    boundary gives a 2-pixel staircase in seg2bmap ((i, i) and (i, i + 1)); thinned it is
+    one pixel per row (9 rows, plus at most one end pixel). A prediction on the diagonal
+    (i, i), matched within 1 pixel, then has P = 1 and R >= 9/10 (F >= 94.7); against the
+    unthinned staircase R = 9/18 and F = 66.7."""
+    n = 10
+    gt = np.zeros((n, n), np.uint8)  # seg2bmap of labels (j > i), written out by hand
+    gt[np.arange(n - 1), np.arange(n - 1)] = 1
+    gt[np.arange(n - 1), np.arange(1, n)] = 1
+    pred = np.zeros((n, n), np.float32)
+    pred[np.arange(n - 1), np.arange(n - 1)] = 1
+    radius_1px = 1.0001 / np.hypot(n, n)
+    res = edge_scores([(pred, gt)], max_dist=radius_1px)
+    assert res["edge/odsF"] >= 2 * 0.9 / 1.9 * 100 - 1e-6
 
 
 def test_edge_ods_vs_ois():

@@ -112,10 +112,10 @@ def test_router_weights_are_softmax_then_topk(router: str) -> None:
     elif router == "task_conditioned":
         mlp = moe.router.task_mlp
         one_hot = torch.eye(t, dtype=torch.float64)[task_ids]
-        h = one_hot @ mlp[0].weight.double().t() + mlp[0].bias.double()
-        h = h @ mlp[1].weight.double().t() + mlp[1].bias.double()
-        h = F.gelu(h)
-        h = F.layer_norm(h, (5,), mlp[3].weight.double(), mlp[3].bias.double(), mlp[3].eps)
+        # the authors' task MLP: fc1 -> GELU -> fc2 -> LayerNorm(eps 1e-6)
+        h = F.gelu(one_hot @ mlp[0].weight.double().t() + mlp[0].bias.double())
+        h = h @ mlp[2].weight.double().t() + mlp[2].bias.double()
+        h = F.layer_norm(h, (5,), mlp[3].weight.double(), mlp[3].bias.double(), 1e-6)
         inp = torch.cat([xd, h[:, None, :].expand(-1, 4, -1)], dim=-1)
         logits = inp @ moe.router.gate.weight.double().t()
     else:
@@ -127,6 +127,36 @@ def test_router_weights_are_softmax_then_topk(router: str) -> None:
         assert torch.allclose(routing.gates[row].double(), probs[row, order], atol=1e-6)
     # not renormalised: the k weights sum to less than 1
     assert torch.all(routing.gates.sum(-1) < 1.0 - 1e-4)
+
+
+@pytest.mark.parametrize("router", ["multi_gate", "task_conditioned", "shared"])
+def test_gate_init_is_the_authors_kaiming_uniform(router: str) -> None:
+    """kaiming_uniform_(a=sqrt(5)) on the authors' (D_in, E) gate: fan_in = E, so the
+    entries are uniform in +-1/sqrt(E), std 1/sqrt(3E) = 0.1443 for 16 experts; checked
+    on the routers of a freshly built backbone (its trunc-normal pass must not undo it)."""
+    from mmseg_m3vit.models.backbones import M3ViT
+
+    torch.manual_seed(0)
+    e = 16
+    model = M3ViT(
+        tasks=["semseg", "depth"], img_size=32, embed_dims=384, num_heads=6, num_layers=2,
+        num_experts=e, top_k=4, router=router,
+    )  # fmt: skip
+    r = model.blocks[1].moe.router
+    w = r.weight if router == "multi_gate" else r.gate.weight
+    w = w.detach().double().flatten()
+    bound = 1 / math.sqrt(e)
+    assert float(w.abs().max()) <= bound
+    assert float(w.abs().max()) > 0.99 * bound  # uniform: the bound is reached
+    # n >= 6144 draws: the sample std of a uniform is within ~0.6 % (1 sigma) of 1/sqrt(3E)
+    assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.03)
+    assert abs(float(w.mean())) < 0.01
+    # uniform, not normal: 4th moment / var^2 = 1.8 (a normal gives 3)
+    kurt = float(((w - w.mean()) ** 4).mean() / w.var() ** 2)
+    assert kurt == pytest.approx(1.8, abs=0.1)
+    if router == "task_conditioned":  # the task MLP keeps the ViT init (trunc-normal 0.02)
+        assert float(r.task_mlp[2].weight.std()) == pytest.approx(0.02, rel=0.15)
+        assert r.task_mlp[3].eps == 1e-6
 
 
 def test_balance_loss_hand_computed() -> None:

@@ -25,9 +25,10 @@ def hand_logits(router, variant: str, x: torch.Tensor, task: int) -> torch.Tenso
         return xd @ router.gate.weight.double().t()
     mlp = router.task_mlp
     h = torch.eye(T, dtype=torch.float64)[task]
-    h = h @ mlp[0].weight.double().t() + mlp[0].bias.double()
-    h = h @ mlp[1].weight.double().t() + mlp[1].bias.double()
-    h = F.layer_norm(F.gelu(h), (G,), mlp[3].weight.double(), mlp[3].bias.double(), mlp[3].eps)
+    # the authors' task MLP: fc1 -> GELU -> fc2 -> LayerNorm(eps 1e-6)
+    h = F.gelu(h @ mlp[0].weight.double().t() + mlp[0].bias.double())
+    h = h @ mlp[2].weight.double().t() + mlp[2].bias.double()
+    h = F.layer_norm(h, (G,), mlp[3].weight.double(), mlp[3].bias.double(), 1e-6)
     inp = torch.cat([xd, h.expand(x.shape[0], -1)], dim=-1)
     return inp @ router.gate.weight.double().t()
 

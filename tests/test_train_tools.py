@@ -27,7 +27,7 @@ from mmengine.runner import Runner
 from mmseg.registry import HOOKS, MODELS
 
 import mmseg_m3vit  # noqa: F401  (registers the plugin)
-from mmseg_m3vit.compat import load_checkpoint_file
+from mmseg_m3vit.compat import CheckpointMismatchError, load_checkpoint_file
 from mmseg_m3vit.engine import NonFiniteLossError
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -215,7 +215,7 @@ def test_missing_data_root_fails_before_model_is_built(tmp_path, config, monkeyp
     assert missing in str(err.value) and "train_dataloader.dataset.data_root" in str(err.value)
 
 
-def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> None:
+def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str, capsys) -> None:
     ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
     out = str(tmp_path / "preds.pkl")
     show = str(tmp_path / "show")
@@ -232,6 +232,9 @@ def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> N
     assert len(dumped) == 4  # the 4 val images
     assert "pred_depth_map" in dumped[0] and "pred_sem_seg" not in dumped[0]
     assert len(glob.glob(osp.join(show, "*.png"))) == 4
+    out = capsys.readouterr().out
+    assert "] 4/4," in out and "ETA" in out  # the progress bar over the 4 test images
+    assert "Hooks will be executed" not in out and "FileClient" not in out
 
     # the single-task pathway gives the same depth as the all-task run
     all_metrics = test_tool.main([config, ckpt, "--work-dir", str(tmp_path / "w2")])
@@ -245,23 +248,58 @@ def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str) -> N
     assert amp_metrics["depth/rmse"] == pytest.approx(metrics["depth/rmse"], rel=0.05)
 
 
-def test_routing_tool_fractions(tmp_path, config: str, trained: str) -> None:
+def test_test_tool_loads_strictly(tmp_path, config: str, trained: str) -> None:
+    """A checkpoint of another model size fails naming the keys instead of leaving the MoE
+    layers random and reporting metrics; so does the routing tool."""
+    ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
+    args = [config, ckpt, "--work-dir", str(tmp_path / "w"),
+            "--cfg-options", "model.backbone.num_experts=8"]  # fmt: skip
+    with pytest.raises(CheckpointMismatchError) as err:
+        test_tool.main(args)
+    msg = str(err.value)
+    assert ckpt in msg and "backbone.blocks.1.moe.w1 (4, 32, 16) (model: (8, 32, 16))" in msg
+    with pytest.raises(CheckpointMismatchError):
+        routing_tool.main([config, ckpt, "--cfg-options", "model.backbone.num_experts=8"])
+
+
+def test_test_tool_with_reordered_tasks_gives_the_same_metrics(
+    tmp_path, config: str, trained: str
+) -> None:
+    """Listing the tasks (hence the heads and router rows) in another order must not
+    hand each task another task's router: every metric equals the one of the original
+    order."""
+    ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
+    original = test_tool.main([config, ckpt, "--work-dir", str(tmp_path / "a")])
+    reordered = ["--cfg-options", "model.tasks=[edge,normals,semseg,depth]"]
+    args = test_tool.parse_args([config, ckpt, "--work-dir", str(tmp_path / "b"), *reordered])
+    assert list(test_tool.build_config(args).model.tasks) == ["edge", "normals", "semseg", "depth"]
+    got = test_tool.main([config, ckpt, "--work-dir", str(tmp_path / "b"), *reordered])
+    assert got == pytest.approx(original, rel=1e-6, abs=1e-9)
+
+
+def test_routing_tool_fractions(tmp_path, config: str, trained: str, capsys) -> None:
     ckpt = osp.join(trained, f"iter_{MAX_ITERS}.pth")
     png = str(tmp_path / "routing.png")
-    js = str(tmp_path / "routing.json")
-    load = routing_tool.main(
-        [config, ckpt, "--task", "semseg", "edge", "--out", png, "--json", js, "--max-images", "3"]
-    )
+    load = routing_tool.main([config, ckpt, "--task", "semseg", "edge", "--out", png])
     assert set(load) == {"semseg", "edge"}
     for arr in load.values():
         assert arr.shape == (2, 4)  # 2 MoE layers (blocks 1, 3), 4 experts
         torch.testing.assert_close(torch.from_numpy(arr.sum(1)), torch.full((2,), 2.0).double())
     assert osp.getsize(png) > 0
+    out = capsys.readouterr().out
+    # the progress bar counts the 4 test images, not the --max-images default of 50
+    assert "] 4/4," in out and "/50" not in out
+    assert "top-k = 2 per token" in out and "busiest, share:" in out
+    blocks = [line.split()[2] for line in out.splitlines() if line.startswith("semseg ")]
+    assert blocks == ["1", "3"]
     import json
 
+    # --json writes what the tool returns; --max-images bounds the images routed
+    js = str(tmp_path / "routing.json")
+    three = routing_tool.main([config, ckpt, "--json", js, "--out", png, "--max-images", "3"])
     payload = json.load(open(js))
     assert payload["images"] == 3 and payload["split"] == "test"
-    assert payload["load"] == {t: a.tolist() for t, a in load.items()}
+    assert payload["load"] == {t: a.tolist() for t, a in three.items()}
     # without a checkpoint: the randomly initialised model, the same for the same seed
     args = [config, "--json", js, "--out", png, "--max-images", "2", "--init-seed", "3"]
     first = routing_tool.main(args)

@@ -24,10 +24,12 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install "$(grep -E '^torch==' "$REQ")" "$(grep -E '^setuptools==' "$REQ")"
 # 2. the rest of the pinned stack (finn-plus is commented out there on purpose).
 "${PIP[@]}" install -r "$REQ"
-# 3. finn-plus without its dependencies: its own brevitas/setuptools pins would replace
-#    the CPU torch; its real requirements are listed in env.txt.
-finn=$(sed -n 's/^# \(finn-plus==[0-9.]*\)$/\1/p' "$REQ")
-"${PIP[@]}" install --no-deps "$finn"
+# 3. finn-plus and hls4ml without their dependencies: finn-plus's own brevitas/setuptools
+#    pins would replace the CPU torch (its real requirements are listed in env.txt);
+#    hls4ml is only used for the ap_int/hls_stream headers it ships (MoE kernel C-sim).
+nodeps=$(sed -n 's/^# \(\(finn-plus\|hls4ml\)==[0-9.]*\)$/\1/p' "$REQ")
+# shellcheck disable=SC2086
+"${PIP[@]}" install --no-deps $nodeps
 # 4. this project, editable, so tools/ and tests see the working tree.
 "${PIP[@]}" install --no-deps --no-build-isolation -e .
 echo "$want" > "$STAMP"

@@ -22,46 +22,62 @@ import os.path as osp
 import sys
 
 from mmengine.config import Config
-from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmseg_m3vit  # noqa: E402, F401  (registers the plugin before the config is read)
 from mmseg_m3vit.compat import load_model_checkpoint, trusted_checkpoints  # noqa: E402
-from mmseg_m3vit.engine import (  # noqa: E402
+from mmseg_m3vit.engine import init_cpu_distributed  # noqa: E402
+from mmseg_m3vit.utils import (  # noqa: E402
     check_config_tasks,
     check_data_roots,
     format_metric_table,
-    init_cpu_distributed,
     restrict_to_tasks,
 )
-from mmseg_m3vit.engine.cli import (  # noqa: E402
+from mmseg_m3vit.utils.cli import (  # noqa: E402
+    HelpFormatter,
     add_runner_args,
+    build_runner,
     dist_backend,
     load_config,
     parse_runner_args,
+    task_names_help,
 )
+
+EXAMPLES = """examples (CKPT: e.g. work_dirs/m3vit_nyud/best_multitask_delta_m_iter_5000.pth):
+  python tools/test.py configs/m3vit_nyud.py CKPT
+  python tools/test.py configs/m3vit_nyud.py CKPT --task depth --show-dir vis
+  python tools/test.py configs/m3vit_nyud.py CKPT \\
+      --cfg-options test_dataloader.dataset.data_root=data/NYUD_MT
+"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the evaluation tool."""
-    parser = argparse.ArgumentParser(description="Evaluate an M3ViT multi-task segmentor")
+    parser = argparse.ArgumentParser(
+        description="Evaluate an M3ViT multi-task segmentor on the config's test split",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("config", help="config file path")
     parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument(
         "--task",
         nargs="+",
         default=None,
-        help="evaluate only these tasks, each through the single-task pathway",
+        help="evaluate only these tasks, each through its single-task pathway (only its "
+        f"routers and head run); default: every task of the config ({task_names_help()})",
     )
     parser.add_argument(
         "--amp", action="store_true", help="run the model under bfloat16 autocast (GPU, or CPU)"
     )
-    parser.add_argument("--out", help="dump the predictions to this pickle file (.pkl)")
+    parser.add_argument("--out", help="also dump the predictions to this pickle file (.pkl)")
     parser.add_argument(
-        "--show-dir", help="save image | prediction | ground-truth PNGs per task here"
+        "--show-dir",
+        help="save one image | prediction | ground-truth PNG per test image here (relative: "
+        "under the work dir)",
     )
-    add_runner_args(parser, "test_dataloader.dataset.data_root=data/nyud")
+    add_runner_args(parser, "test_dataloader.dataset.data_root=data/NYUD_MT")
     return parse_runner_args(parser, argv)
 
 
@@ -77,6 +93,9 @@ def build_config(args: argparse.Namespace) -> Config:
     cfg.resume = False
     if args.amp:
         cfg.test_cfg = dict(type="AmpTestLoop", dtype="bfloat16")
+    # a progress bar with the ETA instead of the logger's line every `interval` batches
+    cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="ProgressBarHook")]
+    cfg.default_hooks.logger.interval = sys.maxsize
     if args.show_dir:
         cfg.default_hooks.visualization = dict(
             type="MultiTaskVisualizationHook", draw=True, out_dir=args.show_dir, interval=1
@@ -93,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = build_config(args)
     init_cpu_distributed(args.launcher, dist_backend(cfg))
     with trusted_checkpoints(args.trust_checkpoint):
-        runner = Runner.from_cfg(cfg)
+        runner = build_runner(cfg)
         load_model_checkpoint(runner.model, args.checkpoint)
     runner.logger.info(f"Loaded checkpoint {args.checkpoint}")
     if args.out is not None:

@@ -6,6 +6,8 @@ Usage::
         [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
         [--trust-checkpoint]
 
+Checkpoints are written only when every parameter, buffer and optimizer-state tensor is
+finite, and resuming is strict (``CheckpointGuardHook``, added when the config lacks it).
 Checkpoints (resumed, pretrained) are unpickled safely unless ``--trust-checkpoint``.
 
 Multi-GPU (or multi-process CPU): ``bash tools/dist_train.sh CONFIG NPROC``.
@@ -18,35 +20,46 @@ import os.path as osp
 import sys
 
 from mmengine.config import Config
-from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmseg_m3vit  # noqa: E402, F401  (registers the plugin before the config is read)
 from mmseg_m3vit.compat import trusted_checkpoints  # noqa: E402
-from mmseg_m3vit.engine import (  # noqa: E402
-    check_config_tasks,
-    check_data_roots,
-    check_pretrained,
-    init_cpu_distributed,
-)
-from mmseg_m3vit.engine.cli import (  # noqa: E402
+from mmseg_m3vit.engine import init_cpu_distributed  # noqa: E402
+from mmseg_m3vit.utils import check_config_tasks, check_data_roots, check_pretrained  # noqa: E402
+from mmseg_m3vit.utils.cli import (  # noqa: E402
+    HelpFormatter,
     add_runner_args,
+    build_runner,
     dist_backend,
+    ensure_custom_hooks,
     load_config,
     parse_runner_args,
 )
 
+EXAMPLES = """examples:
+  python tools/train.py configs/m3vit_synthetic.py --work-dir work_dirs/synthetic
+  python tools/train.py configs/m3vit_nyud.py --resume
+  python tools/train.py configs/m3vit_nyud.py --cfg-options \\
+      train_dataloader.dataset.data_root=data/NYUD_MT val_dataloader.dataset.data_root=data/NYUD_MT
+  bash tools/dist_train.sh configs/m3vit_nyud.py 2     # 2 processes (GPUs, or gloo on CPU)
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the training tool (mmseg's flags)."""
-    parser = argparse.ArgumentParser(description="Train an M3ViT multi-task segmentor")
+    parser = argparse.ArgumentParser(
+        description="Train an M3ViT multi-task segmentor",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("config", help="train config file path")
     parser.add_argument(
         "--resume",
         nargs="?",
         const="auto",
         default=None,
+        metavar="CKPT",
         help="resume from CKPT, or (no value) from the latest checkpoint in the work dir",
     )
     parser.add_argument(
@@ -80,6 +93,7 @@ def build_config(args: argparse.Namespace) -> Config:
     check_config_tasks(cfg)
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
     check_pretrained(cfg)  # the runner initialises weights even when resuming
+    ensure_custom_hooks(cfg, ["NonFiniteLossHook", "CheckpointGuardHook"])
     return cfg
 
 
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = build_config(args)
     init_cpu_distributed(args.launcher, dist_backend(cfg))
     with trusted_checkpoints(args.trust_checkpoint):
-        runner = Runner.from_cfg(cfg)
+        runner = build_runner(cfg)
         runner.train()
 
 

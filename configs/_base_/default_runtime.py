@@ -5,6 +5,9 @@ _base_ = ["mmseg::_base_/default_runtime.py"]
 
 custom_imports = dict(imports=["mmseg_m3vit"], allow_failed_imports=False)
 default_scope = "mmseg"
+# mmengine's runner with a short console log (hook table at DEBUG, environment and config
+# text in the log file only); tools/train.py and tools/test.py build it, as mmseg's do.
+runner_type = "M3ViTRunner"
 
 env_cfg = dict(
     cudnn_benchmark=False,
@@ -15,8 +18,9 @@ env_cfg = dict(
 # mmengine's DDP wrapper, also usable for CPU processes (gloo); experts unused in a step
 # receive zero gradients (stacked expert weights), so no unused-parameter search is needed.
 model_wrapper_cfg = dict(type="CPUAwareDistributedDataParallel", find_unused_parameters=False)
-# Stop on a NaN/inf loss (naming task and iteration) before the iteration is saved.
-custom_hooks = [dict(type="NonFiniteLossHook")]
+# Stop on a NaN/inf loss (naming task and iteration) before the iteration is saved;
+# write only finite checkpoints, resume strictly, keep one best checkpoint after a resume.
+custom_hooks = [dict(type="NonFiniteLossHook"), dict(type="CheckpointGuardHook")]
 randomness = dict(seed=0)
 # mmseg's SegTTAModel only merges pred_sem_seg; multi-task TTA is not provided.
 tta_model = None

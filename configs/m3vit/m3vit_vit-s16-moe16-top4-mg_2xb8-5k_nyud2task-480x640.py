@@ -1,4 +1,4 @@
-# The paper's NYUD-v2 2-task setting (semseg + depth; M3VIT.md s. 7: 45.6 mIoU /
+# The paper's NYUD-v2 2-task setting (semseg + depth; docs/model.md s. 7: 45.6 mIoU /
 # 0.589 RMSE, dm +1.59 with multi-gate routing).
 _base_ = ["./m3vit_vit-s16-moe16-top4-mg_2xb8-5k_nyud-480x640.py"]
 

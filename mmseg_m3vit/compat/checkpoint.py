@@ -316,7 +316,8 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], filename: 
 
     check_task_orders(model, state_dict, filename)
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    # stored task names are optional where nothing must be mapped (checked above)
+    missing = [k for k in own if k not in state_dict and not k.endswith(EXTRA_STATE)]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [
         f"{k} {tuple(state_dict[k].shape)} (model: {tuple(v.shape)})"
@@ -383,6 +384,11 @@ def load_model_checkpoint(
         if not state_dict:
             raise ValueError(f"checkpoint {filename!r} has no keys under {prefix!r}")
     check_state_dict(model, state_dict, filename)
+    from ..models.task_order import EXTRA_STATE
+
+    for k, v in model.state_dict().items():
+        if k.endswith(EXTRA_STATE) and k not in state_dict:
+            state_dict[k] = v  # written without task names: nothing needed mapping
     model.load_state_dict(state_dict, strict=True)
     meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
     return dict(meta) if isinstance(meta, Mapping) else {}

@@ -9,15 +9,16 @@ Layout under ``data_root``::
                                                   -> 7 classes, see loading.PASCAL_PART_TO_ID)
     normals_distill/<id>.png                      RGB, n = 2 * v / 255 - 1
     sal_distill/<id>.png                          grey, salient where v / 255 > 0.5
-    pascal-context/trainval/<id>.mat              'LabelMap'; edges = its boundary pixels
+    pascal-context/trainval/<id>.mat              'LabelMap'; edges = its seg2bmap
 
 Human parts: images with no ``human_parts/<id>.mat`` (or no person with parts in it) get
 an all-255 (ignore) parts map, so they add nothing to the parts loss or mIoU.
 
-Deviations from the MTL-literature loaders: edges are the one-pixel boundaries of
-``label_boundaries`` (no scikit-image thinning); distilled normals are used on every
-pixel (the literature masks them with a list of PASCAL-Context classes that have
-meaningful normals, which is not part of the published layout).
+Edges are the boundary map of the label map as SEISM's ``seg2bmap`` builds it for
+evaluation (the edge metric thins it, as SEISM does); the MTL-literature training loaders
+instead thin the Laplacian's non-zero pixels. Distilled normals are used on every pixel
+(the literature masks them with a list of PASCAL-Context classes that have meaningful
+normals, which is not part of the published layout).
 """
 
 from __future__ import annotations

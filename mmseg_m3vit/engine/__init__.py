@@ -1,37 +1,23 @@
-"""Training / evaluation machinery: hooks, CPU-capable DDP, pre-flight config checks."""
+"""Registered runtime parts: the runner, hooks, the bf16 test loop, the CPU-capable DDP
+wrapper."""
 
 from .distributed import CPUAwareDistributedDataParallel, init_cpu_distributed
-from .hooks import NonFiniteLossError, NonFiniteLossHook
-from .loops import AmpTestLoop
-from .preflight import (
-    check_config_tasks,
-    check_data_roots,
-    check_pretrained,
-    config_tasks,
-    resolve_data_root,
-    restrict_to_tasks,
-)
-from .visualization import (
+from .hooks import (
     MultiTaskVisualizationHook,
-    colorize,
-    format_metric_table,
-    prediction_panel,
+    NonFiniteLossError,
+    NonFiniteLossHook,
+    ProgressBarHook,
 )
+from .loops import AmpTestLoop
+from .runner import M3ViTRunner
 
 __all__ = [
     "AmpTestLoop",
     "CPUAwareDistributedDataParallel",
+    "M3ViTRunner",
     "MultiTaskVisualizationHook",
     "NonFiniteLossError",
     "NonFiniteLossHook",
-    "check_config_tasks",
-    "check_data_roots",
-    "check_pretrained",
-    "colorize",
-    "config_tasks",
-    "format_metric_table",
+    "ProgressBarHook",
     "init_cpu_distributed",
-    "prediction_panel",
-    "resolve_data_root",
-    "restrict_to_tasks",
 ]

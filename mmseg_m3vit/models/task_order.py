@@ -122,6 +122,19 @@ def check_task_orders(model: nn.Module, state_dict: Mapping[str, Any], source: s
             map_task_order(module, state_dict, f"{name}." if name else "", source, apply=False)
 
 
+def task_order_changes(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+    """Opted-in submodules whose stored task names list the model's tasks in another
+    order, as ``'<name>: [stored] -> [model]'`` (empty when every order matches)."""
+    out = []
+    for name, module in model.named_modules():
+        key = (f"{name}." if name else "") + EXTRA_STATE
+        if has_task_order(module) and key in state_dict:
+            saved = decode_task_names(state_dict[key])
+            if saved != list(module.tasks):
+                out.append(f"{name or 'model'}: {saved} -> {list(module.tasks)}")
+    return out
+
+
 def attach_task_names(module: nn.Module) -> None:
     """Make ``module`` save its task names and map task-indexed rows by name on load."""
 

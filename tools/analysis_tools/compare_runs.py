@@ -137,7 +137,7 @@ def test_metrics(work_dir: str) -> dict[str, float] | None:
 
 def model_label(cfg) -> str:
     """A readable name for the model of ``cfg``: architecture, routing, tasks."""
-    from mmseg_m3vit.engine import config_tasks
+    from mmseg_m3vit.utils import config_tasks
 
     bb = cfg.model.backbone
     tasks = config_tasks(cfg)
@@ -164,7 +164,7 @@ def load_run(work_dir: str) -> RunInfo:
     """
     from mmengine.config import Config
 
-    from mmseg_m3vit.engine import config_tasks
+    from mmseg_m3vit.utils import config_tasks
 
     path = config_dump(work_dir)
     if path is None:
@@ -524,7 +524,12 @@ def write_text(text: str, path: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the comparison tool."""
-    p = argparse.ArgumentParser(description="Markdown table of trained runs, like the paper's")
+    from mmseg_m3vit.utils.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(
+        description="Markdown table of trained runs, like the paper's",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("work_dirs", nargs="*", help="training work directories")
     p.add_argument("--root", help="take every run directory under this folder")
     p.add_argument("--out", help="write the markdown here (default: print only)")

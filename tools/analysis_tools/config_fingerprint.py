@@ -55,6 +55,7 @@ RUNNER_KEYS = (
     "model_wrapper_cfg",
     "tta_model",
     "fpga",
+    "runner_type",
 )
 PLAIN = (bool, int, float, str, type(None))
 NOT_PLAIN = object()

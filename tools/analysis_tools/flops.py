@@ -113,9 +113,18 @@ def format_table(rows: dict[str, dict[str, int]], shape: Sequence[int]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line: CONFIG [--task T ...] [--shape H W] [--json PATH]."""
-    p = argparse.ArgumentParser(description="Count M3ViT multiply-adds per task and component")
+    from mmseg_m3vit.utils.cli import HelpFormatter, task_names_help
+
+    p = argparse.ArgumentParser(
+        description="Count M3ViT multiply-adds per task and component",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("config", help="model config file")
-    p.add_argument("--task", nargs="+", help="tasks to count (default: every task)")
+    p.add_argument(
+        "--task",
+        nargs="+",
+        help=f"tasks to count; default: every task of the config ({task_names_help()})",
+    )
     p.add_argument(
         "--shape",
         nargs=2,

@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import mmseg_m3vit  # noqa: E402, F401  (registers the plugin)
-from mmseg_m3vit.engine.cli import add_trust_arg  # noqa: E402
+from mmseg_m3vit.utils.cli import HelpFormatter, add_trust_arg  # noqa: E402
 
 RESULT_FILE = "inference_speed.json"
 
@@ -205,7 +205,9 @@ def write_json(payload: dict, path: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the tool."""
-    p = argparse.ArgumentParser(description="Inference ms/image per task of trained models")
+    p = argparse.ArgumentParser(
+        description="Inference ms/image per task of trained models", formatter_class=HelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--work-dirs", nargs="+", help="training work directories")
     src.add_argument("--config", help="a config file (with --checkpoint, or random weights)")

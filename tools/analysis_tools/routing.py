@@ -31,35 +31,60 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import mmseg_m3vit  # noqa: E402, F401
 from mmseg_m3vit.compat import load_model_checkpoint, trusted_checkpoints  # noqa: E402
-from mmseg_m3vit.engine import check_config_tasks, check_data_roots, config_tasks  # noqa: E402
-from mmseg_m3vit.engine.cli import add_trust_arg  # noqa: E402
-from mmseg_m3vit.engine.routing import (  # noqa: E402
+from mmseg_m3vit.tasks import check_tasks  # noqa: E402
+from mmseg_m3vit.utils import check_config_tasks, check_data_roots, config_tasks  # noqa: E402
+from mmseg_m3vit.utils.cli import HelpFormatter, add_trust_arg, task_names_help  # noqa: E402
+from mmseg_m3vit.utils.routing import (  # noqa: E402
     collect_routing,
     plot_routing,
     routing_summary,
 )
-from mmseg_m3vit.tasks import check_tasks  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the routing tool."""
-    parser = argparse.ArgumentParser(description="Per-task expert routing statistics")
-    parser.add_argument("config")
+    parser = argparse.ArgumentParser(
+        description="Per-task expert routing statistics of a trained M3ViT: a table and a "
+        "heat map of the fraction of tokens each task sends to each expert",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("config", help="config file path")
     parser.add_argument(
-        "checkpoint", nargs="?", default=None, help="omit: a randomly initialised model"
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="checkpoint file; omit it for a randomly initialised model (see --init-seed)",
     )
     parser.add_argument(
-        "--init-seed", type=int, default=0, help="seed of the random initialisation (no ckpt)"
+        "--init-seed",
+        type=int,
+        default=0,
+        help="seed of the random initialisation when no checkpoint is given",
     )
-    parser.add_argument("--task", nargs="+", default=None, help="tasks (default: all)")
+    parser.add_argument(
+        "--task",
+        nargs="+",
+        default=None,
+        help=f"tasks to route for; default: every task of the config ({task_names_help()})",
+    )
     parser.add_argument(
         "--split", choices=["val", "test"], default="test", help="which dataloader to use"
     )
-    parser.add_argument("--max-images", type=int, default=50, help="images to route (0: all)")
-    parser.add_argument("--out", default=None, help="PNG path (default: next to the ckpt)")
+    parser.add_argument(
+        "--max-images", type=int, default=50, help="route at most this many images (0: all)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="PNG path; default: routing.png beside the checkpoint"
+    )
     parser.add_argument("--json", default=None, help="also write the fractions to this file")
     parser.add_argument("--device", default="cpu", help="device to run the model on")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction)
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        help="override config settings (key=value ...), e.g. "
+        "test_dataloader.dataset.data_root=data/NYUD_MT",
+    )
     add_trust_arg(parser)
     return parser.parse_args(argv)
 
@@ -97,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     loader = Runner.build_dataloader(loader_cfg)
     max_batches = args.max_images or None
     load = collect_routing(model, loader, tasks, max_batches=max_batches)
-    print(routing_summary(load))
+    moe_blocks = list(getattr(model.backbone, "moe_layers", []))
+    print(routing_summary(load, moe_blocks))
     if args.json:
         payload = dict(
             config=osp.basename(args.config),
@@ -120,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is None and args.checkpoint is None:
         raise ValueError("--out is needed without a checkpoint (the PNG goes next to it)")
     out = args.out or osp.join(osp.dirname(osp.abspath(args.checkpoint)), "routing.png")
-    plot_routing(load, out, title=f"{osp.basename(args.config)} ({args.split})")
+    plot_routing(load, out, f"{osp.basename(args.config)} ({args.split})", moe_blocks)
     print(f"saved {out}")
     return load
 

@@ -142,7 +142,7 @@ def scale_schedule(cfg, iters: int) -> None:
 
 def set_data_root(cfg, data_root: str) -> None:
     """Point every data loader's data set (and ``cfg.data_root``) at ``data_root``."""
-    from mmseg_m3vit.engine.preflight import DATALOADER_KEYS, iter_datasets
+    from mmseg_m3vit.utils.preflight import DATALOADER_KEYS, iter_datasets
 
     if "data_root" in cfg:
         cfg.data_root = data_root
@@ -422,7 +422,11 @@ def pack(work_root: str, out: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the driver."""
-    p = argparse.ArgumentParser(description="Run the M3ViT vs dense comparison study")
+    from mmseg_m3vit.utils.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(
+        description="Run the M3ViT vs dense comparison study", formatter_class=HelpFormatter
+    )
     p.add_argument("--work-root", required=True, help="one work directory per run in here")
     p.add_argument("--data-root", required=True, help="the synthetic NYUD-MT data set")
     p.add_argument("--generate", type=int, nargs=2, metavar=("NTRAIN", "NTEST"))

@@ -14,18 +14,30 @@ lives in :mod:`mmseg_m3vit.datasets.synthetic_nyud`.
 from __future__ import annotations
 
 import argparse
+import os.path as osp
 import sys
 
-from mmseg_m3vit.datasets.synthetic_nyud import generate
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+from mmseg_m3vit.datasets.synthetic_nyud import generate  # noqa: E402
+from mmseg_m3vit.utils.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Command line of the generator."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--num-train", type=int, default=300, help="training images")
     parser.add_argument("--num-val", type=int, default=100, help="validation images")
     parser.add_argument(
-        "--size", type=int, nargs=2, default=(240, 320), metavar=("H", "W"), help="image size"
+        "--size",
+        type=int,
+        nargs=2,
+        default=(240, 320),
+        metavar=("H", "W"),
+        help="image size in pixels",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")

@@ -1,4 +1,4 @@
-# NYUD-v2 in the NYUD_MT layout (M3VIT.md s. 5): 4 tasks at 480x640.
+# NYUD-v2 in the NYUD_MT layout (docs/model.md s. 5): 4 tasks at 480x640.
 # Point data_root at the extracted NYUD_MT folder (images/, segmentation/, depth/,
 # normals/, edge/, gt_sets/), or override on the command line:
 #   --cfg-options train_dataloader.dataset.data_root=... (and val/test alike).
@@ -12,7 +12,7 @@ tasks = ["semseg", "depth", "normals", "edge"]
 crop_size = (480, 640)  # (H, W)
 holdout = dict(fraction=0.1, seed=0)
 
-# Augmentation (M3VIT.md s. 3): scale in {1, 1.2, 1.5}, crop back to 480x640, h-flip
+# Augmentation (docs/model.md s. 3): scale in {1, 1.2, 1.5}, crop back to 480x640, h-flip
 # that negates the x component of the normals.
 train_pipeline = [
     dict(type="LoadImageFromFile"),
@@ -79,7 +79,7 @@ test_dataloader = dict(
 )
 
 # One metric per task inside the multi-task delta metric, which adds multitask/delta_m
-# over the tasks with a published single-task reference (M3VIT.md s. 6: semseg 43.9 mIoU,
+# over the tasks with a published single-task reference (docs/model.md s. 6: semseg 43.9 mIoU,
 # depth 0.585 m RMSE, normals 19.76 deg; none for NYUD edges, so edge is reported only).
 # A dict, so that leaf configs override single entries (task_metrics=dict(edge=...)).
 val_evaluator = dict(

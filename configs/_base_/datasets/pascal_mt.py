@@ -1,8 +1,8 @@
-# PASCAL-Context in the PASCAL_MT layout (M3VIT.md s. 5): 5 tasks, 512x512 crops.
+# PASCAL-Context in the PASCAL_MT layout (docs/model.md s. 5): 5 tasks, 512x512 crops.
 # Point data_root at the extracted PASCAL_MT folder or use --cfg-options
 # train_dataloader.dataset.data_root=... (and val/test alike).
 # Model selection on a held-out 10% of train; the official val list is the test split.
-# Augmentation (M3VIT.md s. 3): h-flip, rotation +-20 deg, scale 0.75-1.25, 512x512
+# Augmentation (docs/model.md s. 3): h-flip, rotation +-20 deg, scale 0.75-1.25, 512x512
 # crops; flip and rotation also turn the normal vectors, padding uses each task's value.
 dataset_type = "PascalMTDataset"
 data_root = "data/PASCAL_MT"
@@ -72,7 +72,7 @@ test_dataloader = dict(
     ),
 )
 # Per-task metrics and multitask/delta_m against the paper's single-task references
-# (M3VIT.md s. 6: semseg 66.2, parts 59.9, sal 66.3, normals 13.9, edge 68.8).
+# (docs/model.md s. 6: semseg 66.2, parts 59.9, sal 66.3, normals 13.9, edge 68.8).
 val_evaluator = dict(
     type="MultiTaskDeltaMetric",
     dataset="pascal",

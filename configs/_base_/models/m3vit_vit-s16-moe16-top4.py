@@ -1,4 +1,4 @@
-# M3ViT (M3VIT.md s. 1-3): ViT-S/16 (D 384, 12 blocks, 6 heads), MoE FFN on blocks
+# M3ViT (docs/model.md s. 1-3): ViT-S/16 (D 384, 12 blocks, 6 heads), MoE FFN on blocks
 # 1, 3, ..., 11 with 16 experts (hidden 384) and top-4 multi-gate routing, one SETR-PUP
 # head per task with the paper's losses and loss weights.
 # Initialisation: DeiT-S ImageNet weights (timm layout) for the dense parts; experts are
@@ -50,7 +50,7 @@ model = dict(
         normals=dict(loss_decode=dict(type="NormalsL1Loss")),
         edge=dict(loss_decode=dict(type="BalancedBCELoss", pos_weight=0.95)),
     ),
-    # M3VIT.md s. 3: the paper's weights, the same for a task on NYUD and PASCAL.
+    # docs/model.md s. 3: the paper's weights, the same for a task on NYUD and PASCAL.
     loss_weights=dict(semseg=1.0, parts=2.0, sal=5.0, depth=1.0, normals=10.0, edge=50.0),
     moe_balance_weight=0.01,
     train_cfg=dict(),

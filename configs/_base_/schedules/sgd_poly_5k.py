@@ -1,4 +1,4 @@
-# M3ViT schedule (M3VIT.md s. 3): SGD momentum 0.9, weight decay 1e-4, lr 2e-3, poly 0.9
+# M3ViT schedule (docs/model.md s. 3): SGD momentum 0.9, weight decay 1e-4, lr 2e-3, poly 0.9
 # decay to 0, no warm-up, 5k iterations (100 epochs of NYUD's 795 images at batch 16).
 # Model selection: save_best on the multi-task delta (higher is better) measured on the
 # validation split of the data-set config (a held-out part of train, never the test split).

@@ -1,7 +1,7 @@
 """Multi-task transforms, registered in mmseg's TRANSFORMS on import (see docs/design.md)."""
 
 from .formatting import PackMultiTaskInputs
-from .loading import LoadMultiTaskAnnotations
+from .loading import LoadImageFromFile, LoadMultiTaskAnnotations
 from .transforms import (
     MultiTaskRandomFlip,
     MultiTaskRandomRotate,
@@ -10,6 +10,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "LoadImageFromFile",
     "LoadMultiTaskAnnotations",
     "MultiTaskRandomFlip",
     "MultiTaskRandomRotate",

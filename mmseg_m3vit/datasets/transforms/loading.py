@@ -1,4 +1,4 @@
-"""One loader for every dense task map of NYUD-MT and PASCAL-MT.
+"""Loading images and every dense task map of NYUD-MT and PASCAL-MT, with checks.
 
 The data sets put into each ``data_info``:
 
@@ -9,21 +9,35 @@ The data sets put into each ``data_info``:
 
 :class:`LoadMultiTaskAnnotations` reads those files, decodes them into the maps of the
 task table (:mod:`mmseg_m3vit.tasks`) and registers each under ``TaskSpec.results_key``
-in ``results['seg_fields']`` so that mmseg's geometric transforms move every map.
+in ``results['seg_fields']`` so that mmseg's geometric transforms move every map. Maps
+whose values cannot be right fail naming the file, what was found and what is expected
+(normals outside [-1, 1] or far from unit length, negative depths, labels out of range).
+
+:class:`LoadImageFromFile` is mmcv's image loader, registered under the same name in
+mmseg's registry (so every config of the plugin uses it), plus: an empty or undecodable
+file fails naming the file, and a decoder warning (libjpeg's "Corrupt JPEG data ...",
+printed to the C-level stderr while the image still decodes, to garbage) fails naming
+the file too, or with ``on_decoder_warning='warn'`` is logged with the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Callable, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import scipy.io
 from mmcv.transforms import BaseTransform
+from mmcv.transforms import LoadImageFromFile as MMCVLoadImageFromFile
+from mmengine.logging import print_log
 from mmseg.registry import TRANSFORMS
 from PIL import Image
 
-from mmseg_m3vit.datasets.edge_utils import label_boundaries
+from mmseg_m3vit.datasets.edge_utils import seg2bmap
 from mmseg_m3vit.tasks import DATASET_TASKS, check_tasks, get_task
 
 #: PASCAL VOC class index of 'person' in the PASCAL-Part ``anno.objects.class_ind`` field.
@@ -43,6 +57,99 @@ PASCAL_PART_TO_ID: dict[str, int] = {
 }  # fmt: skip
 
 IGNORE = 255
+#: Normals: values may exceed [-1, 1] by this much (float rounding) ...
+NORMALS_RANGE_SLACK = 1e-3
+#: ... and a valid (non-zero) vector counts as unit length within this distance of 1;
+NORMALS_UNIT_TOLERANCE = 0.1
+#: a map fails when more than this fraction of its valid vectors are not unit length.
+NORMALS_MAX_NON_UNIT_FRACTION = 0.01
+
+
+@contextlib.contextmanager
+def _capture_c_stderr() -> Iterator[list[str]]:
+    """Collect what C libraries (libjpeg, libpng via OpenCV) print to file descriptor 2
+    inside the block; the text is in the yielded list afterwards."""
+    captured: list[str] = []
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError):
+        pass
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", errors="replace").strip()
+            if text:
+                captured.append(text)
+
+
+@TRANSFORMS.register_module(name="LoadImageFromFile")
+class LoadImageFromFile(MMCVLoadImageFromFile):
+    """mmcv's ``LoadImageFromFile`` with errors that name the file.
+
+    Same arguments and results as mmcv's (``img``, ``img_shape``, ``ori_shape``), plus:
+
+    Args:
+        on_decoder_warning: what to do when the decoder prints a warning while still
+            returning an image (libjpeg: "Corrupt JPEG data: ... extraneous bytes",
+            "Premature end of JPEG file"): ``'error'`` (default) raises ``OSError``
+            naming the file and the decoder's message; ``'warn'`` logs a warning with
+            both and keeps the image.
+
+    Raises (at call time):
+        FileNotFoundError: the file does not exist. OSError: it is empty, cannot be
+        decoded, or (``'error'``) decoded with a warning; each names the file.
+    """
+
+    def __init__(self, *args, on_decoder_warning: str = "error", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if on_decoder_warning not in ("error", "warn"):
+            raise ValueError(
+                f"on_decoder_warning must be 'error' or 'warn', got {on_decoder_warning!r}"
+            )
+        self.on_decoder_warning = on_decoder_warning
+
+    def transform(self, results: dict) -> dict | None:
+        path = results["img_path"]
+        local = self.file_client_args is None and not self.backend_args
+        if local:
+            if not os.path.isfile(path):
+                if self.ignore_empty:
+                    return None
+                raise FileNotFoundError(f"image file {path!r} does not exist")
+            if os.path.getsize(path) == 0:
+                if self.ignore_empty:
+                    return None
+                raise OSError(f"image file {path!r} is empty (0 bytes)")
+        try:
+            with _capture_c_stderr() as messages:
+                out = super().transform(results)
+        except Exception as exc:
+            raise OSError(
+                f"cannot decode image file {path!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if messages:
+            text = " | ".join(" ".join(m.split()) for m in messages)
+            if self.on_decoder_warning == "error":
+                raise OSError(
+                    f"image file {path!r} is damaged: the decoder reported {text!r} and "
+                    "would return partly invalid pixels. Replace the file, or pass "
+                    "on_decoder_warning='warn' to LoadImageFromFile to use it anyway"
+                )
+            print_log(
+                f"image file {path!r}: decoder warning {text!r}",
+                logger="current",
+                level=logging.WARNING,
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", on_decoder_warning={self.on_decoder_warning!r})"
 
 
 def _open(path: str, reader: Callable[[str], object], what: str) -> object:
@@ -95,9 +202,12 @@ def _nyud_depth(path: str) -> np.ndarray:
     """npy in metres, 0 = invalid -> float32 (H, W)."""
     depth = _expect_2d(np.asarray(_open(path, np.load, "NYUD depth")), path, "NYUD depth")
     depth = depth.astype(np.float32)
-    if not np.isfinite(depth).all() or (depth < 0).any():
+    finite = np.isfinite(depth)
+    if not finite.all() or (depth[finite] < 0).any():
         raise ValueError(
-            f"NYUD depth file {path!r}: expected finite depths >= 0 metres (0 = invalid)"
+            f"NYUD depth file {path!r}: expected finite depths >= 0 metres (0 = invalid); "
+            f"found {int((~finite).sum())} non-finite and {int((depth[finite] < 0).sum())} "
+            f"negative values (min {float(depth[finite].min()) if finite.any() else 'n/a'})"
         )
     return depth
 
@@ -110,7 +220,38 @@ def _nyud_normals(path: str) -> np.ndarray:
     normals = normals.astype(np.float32)
     if not np.isfinite(normals).all():
         raise ValueError(f"NYUD normals file {path!r} contains non-finite values")
+    check_normals(normals, path, "NYUD normals")
     return normals
+
+
+def check_normals(normals: np.ndarray, path: str, what: str) -> None:
+    """Fail unless ``normals`` (H, W, 3) are in [-1, 1] and the valid (non-zero) ones
+    unit length (within :data:`NORMALS_UNIT_TOLERANCE`, allowing
+    :data:`NORMALS_MAX_NON_UNIT_FRACTION` of them to deviate).
+
+    Raises:
+        ValueError: naming the file, the range or the fraction of non-unit vectors
+            found, and what is expected (maps stored as 0..255 or 0..1 fail here).
+    """
+    lo, hi = float(normals.min(initial=0.0)), float(normals.max(initial=0.0))
+    if lo < -1 - NORMALS_RANGE_SLACK or hi > 1 + NORMALS_RANGE_SLACK:
+        raise ValueError(
+            f"{what} file {path!r}: values range over [{lo:.4g}, {hi:.4g}]; expected unit "
+            "vectors with components in [-1, 1] (all-zero = invalid). Maps stored as "
+            "0..255 colours must be converted: n = 2 * v / 255 - 1"
+        )
+    norm = np.linalg.norm(normals.reshape(-1, 3).astype(np.float64), axis=1)
+    norm = norm[norm > 0]
+    if norm.size == 0:
+        return
+    off = np.abs(norm - 1.0) > NORMALS_UNIT_TOLERANCE
+    if off.mean() > NORMALS_MAX_NON_UNIT_FRACTION:
+        raise ValueError(
+            f"{what} file {path!r}: {100 * off.mean():.1f}% of the valid vectors are not "
+            f"unit length (lengths {norm.min():.3g}..{norm.max():.3g}, median "
+            f"{np.median(norm):.3g}); expected unit vectors (|n| = 1 +- "
+            f"{NORMALS_UNIT_TOLERANCE}), all-zero where invalid"
+        )
 
 
 def _nyud_edge(path: str) -> np.ndarray:
@@ -178,12 +319,13 @@ def _pascal_normals(path: str) -> np.ndarray:
 
 
 def _pascal_edge(path: str) -> np.ndarray:
-    """pascal-context ``LabelMap`` .mat -> uint8 {0, 1} boundary pixels of the label map."""
+    """pascal-context ``LabelMap`` .mat -> uint8 {0, 1} boundary map of the label map
+    (SEISM's ``seg2bmap``, :func:`~mmseg_m3vit.datasets.edge_utils.seg2bmap`)."""
     mat = _open(path, _read_mat, "PASCAL edge")
     if "LabelMap" not in mat:
         raise ValueError(f"PASCAL edge file {path!r}: no 'LabelMap' variable")
     labels = _expect_2d(np.asarray(mat["LabelMap"]), path, "PASCAL edge")
-    return label_boundaries(labels).astype(np.uint8)
+    return seg2bmap(labels).astype(np.uint8)
 
 
 #: (data set, task) -> decoder(path) -> map in the task table's convention.

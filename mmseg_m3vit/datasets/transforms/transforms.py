@@ -9,7 +9,7 @@ x component of every normal changes sign, and an in-plane rotation rotates (x, y
 mmseg's ``RandomRotate`` also pads every map with one value (255, wrong for depth and
 normals); :class:`MultiTaskRandomRotate` pads each with its task's ``pad_value``.
 
-NYUD-MT training augmentation of M3VIT.md (scale in {1, 1.2, 1.5}, crop to 480x640,
+NYUD-MT training augmentation of docs/model.md s. 3 (scale in {1, 1.2, 1.5}, crop to 480x640,
 h-flip)::
 
     dict(type='LoadImageFromFile'), dict(type='LoadMultiTaskAnnotations'),

@@ -11,6 +11,8 @@ from mmengine.dist import all_reduce, is_distributed
 from mmengine.hooks import Hook
 from mmseg.registry import HOOKS
 
+from .checkpoint_guard_hook import last_verified_checkpoint
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised by :class:`NonFiniteLossHook`; the message names task, loss and iteration."""
@@ -60,10 +62,11 @@ class NonFiniteLossHook(Hook):
 
     It runs after every training iteration with a higher priority than
     ``CheckpointHook`` (``VERY_LOW``), so the iteration that produced the non-finite loss
-    is never saved: the last checkpoint on disk stays the last good one. The error names
-    the task (from the ``<task>.loss_*`` key prefix), the loss, its value and the 1-based
-    iteration. Under distributed training the ranks agree on the decision, so all of them
-    stop together instead of one hanging in the next all-reduce.
+    is never saved: the last checkpoint on disk stays the last good one (it is named
+    only after it was loaded and found finite). The error names the task (from the
+    ``<task>.loss_*`` key prefix), the loss, its value and the 1-based iteration. Under
+    distributed training the ranks agree on the decision, so all of them stop together
+    instead of one hanging in the next all-reduce.
 
     Args:
         check_keys_containing: only log entries whose key contains this substring are
@@ -99,20 +102,9 @@ class NonFiniteLossHook(Hook):
             else "a loss on another rank"
             for k, v in bad.items()
         )
-        last = _last_checkpoint(runner)
+        _, last = last_verified_checkpoint(runner.work_dir)
         raise NonFiniteLossError(
             f"non-finite loss at iteration {iteration}: {details}. Training stopped before "
-            f"this iteration was saved; the last good checkpoint is {last}. Lower the "
-            "learning rate, check the ground truth of that task, or resume from it."
+            f"this iteration was saved; {last}. Lower the learning rate, check the ground "
+            "truth of that task, or resume from it."
         )
-
-
-def _last_checkpoint(runner: Any) -> str:
-    """Path of the last saved checkpoint in the work dir, or a note that there is none."""
-    import os.path as osp
-
-    marker = osp.join(runner.work_dir, "last_checkpoint")
-    if osp.isfile(marker):
-        with open(marker) as f:
-            return f.read().strip()
-    return f"(none saved yet in {runner.work_dir})"

@@ -2,7 +2,8 @@
 
 Keys (prefix defaults to ``depth``): ``depth/rmse`` (metres), ``depth/log_rmse`` (natural
 log), ``depth/abs_rel`` (ratio), ``depth/delta1`` (percent of pixels with
-``max(pred/gt, gt/pred) < 1.25``).
+``max(pred/gt, gt/pred) < 1.25``). Non-positive predictions count as 1e-9 m in every
+term, as in the official evaluation.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from mmseg.registry import METRICS
 from .common import read_pair, task_spec
 
 
-def depth_sums(pred: np.ndarray, gt: np.ndarray, min_depth: float = 1e-3) -> np.ndarray:
+def depth_sums(pred: np.ndarray, gt: np.ndarray, eps: float = 1e-9) -> np.ndarray:
     """Error sums of one image over its valid pixels (``gt > 0``).
 
     Args:
         pred: predicted depth in metres, any shape.
         gt: ground-truth depth in metres, same shape; ``<= 0`` (or non-finite) is invalid.
-        min_depth: predictions are clamped to at least this (metres) for the log and the
-            ratio terms only; the RMSE and abs-rel use the raw prediction.
+        eps: non-positive predictions are replaced by this (metres) before every term, the
+            RMSE included, as the official evaluation does (``pred[pred <= 0] = 1e-9``).
 
     Returns:
         float64 array (5,): sum of squared errors (m^2), sum of squared log errors,
@@ -34,12 +35,12 @@ def depth_sums(pred: np.ndarray, gt: np.ndarray, min_depth: float = 1e-3) -> np.
     valid = np.isfinite(gt) & (gt > 0)
     g = gt[valid].astype(np.float64)
     p = pred[valid].astype(np.float64)
-    pc = np.maximum(p, min_depth)
-    ratio = np.maximum(pc / g, g / pc)
+    p = np.where(p > 0, p, eps)
+    ratio = np.maximum(p / g, g / p)
     return np.array(
         [
             np.sum((p - g) ** 2),
-            np.sum((np.log(pc) - np.log(g)) ** 2),
+            np.sum((np.log(p) - np.log(g)) ** 2),
             np.sum(np.abs(p - g) / g),
             np.sum(ratio < 1.25),
             g.size,
@@ -59,7 +60,8 @@ class DepthErrorMetric(BaseMetric):
     Args:
         task: the task scored (only ``'depth'``; the argument lets every task metric be
             configured alike).
-        min_depth: lower clamp (metres) of the prediction in the log and ratio terms.
+        eps: non-positive predictions become ``eps`` metres (1e-9, the official
+            evaluation's value) before every term.
         collect_device / prefix: as :class:`mmengine.evaluator.BaseMetric`; ``prefix``
             defaults to the task.
     """
@@ -67,22 +69,22 @@ class DepthErrorMetric(BaseMetric):
     def __init__(
         self,
         task: str = "depth",
-        min_depth: float = 1e-3,
+        eps: float = 1e-9,
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix or task)
         self.spec = task_spec(task, ("depth",), type(self).__name__)
         self.task = task
-        if min_depth <= 0:
-            raise ValueError(f"min_depth must be > 0 metres, got {min_depth}")
-        self.min_depth = min_depth
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0 metres, got {eps}")
+        self.eps = eps
 
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
         """Store the five error sums of every sample."""
         for sample in data_samples:
             pred, gt = read_pair(sample, self.spec)
-            self.results.append(depth_sums(pred, gt, self.min_depth))
+            self.results.append(depth_sums(pred, gt, self.eps))
 
     def compute_metrics(self, results: list) -> dict[str, float]:
         """Per-pixel data-set aggregates; NaN when no valid pixel was seen."""

@@ -62,15 +62,16 @@ class MultiTaskIoUMetric(BaseMetric):
     union are skipped, as in mmseg's ``IoUMetric``; the MTL survey code counts them as IoU
     0, which only differs when a class never occurs, e.g. on small or synthetic sets).
     ``aAcc`` is the pixel accuracy over valid pixels, ``mAcc`` the mean per-class recall.
-    A per-class table is logged.
+    A per-class table of the classes entering mIoU is logged, with their names.
 
     Args:
         task: ``'semseg'`` or ``'parts'``; selects the data-sample fields via the task table.
         num_classes: number of classes C; default the data set's, from
             ``dataset_meta['task_channels'][task]`` (set by the runner from the data set).
         ignore_index: GT label of ignored pixels.
-        class_names: names for the per-class table; defaults to ``dataset_meta['classes']``
-            for semseg when its length is C, else class indices.
+        class_names: names for the per-class table; default the data set's
+            (``dataset_meta['classes']`` for semseg, ``['<task>_classes']`` otherwise)
+            when it has C names, else class indices.
         collect_device / prefix: as :class:`mmengine.evaluator.BaseMetric`; ``prefix``
             defaults to ``task``.
     """
@@ -121,20 +122,32 @@ class MultiTaskIoUMetric(BaseMetric):
         if self.class_names is not None:
             return self.class_names
         meta = self.dataset_meta or {}
-        classes = meta.get("classes")
-        if self.task == "semseg" and classes is not None and len(classes) == self.num_classes:
+        classes = meta.get("classes" if self.task == "semseg" else f"{self.task}_classes")
+        if classes is not None and len(classes) == self.num_classes:
             return list(classes)
         return [str(i) for i in range(self.num_classes)]
 
     def compute_metrics(self, results: list) -> dict[str, float]:
-        """Sum the per-image counts and return mIoU, aAcc, mAcc in percent."""
+        """Sum the per-image counts and return mIoU, aAcc, mAcc in percent.
+
+        Logs a per-class table of the classes that enter mIoU (present in the ground
+        truth or the predictions), with their names.
+        """
         inter, union, _, area_gt = np.sum(results, axis=0)
         iou = safe_div(inter, union) * 100
         acc = safe_div(inter, area_gt) * 100
-        table = PrettyTable(field_names=["class", "IoU", "Acc"])
-        for name, i, a in zip(self._names(), iou, acc):
-            table.add_row([name, f"{i:.2f}", f"{a:.2f}"])
-        print_log(f"per-class results ({self.task}):\n{table.get_string()}", logger="current")
+        present = np.flatnonzero(union > 0)
+        table = PrettyTable(field_names=["id", "class", "IoU", "Acc"], align="r")
+        table.align["class"] = "l"
+        names = self._names()
+        for c in present:
+            acc_text = "-" if area_gt[c] == 0 else f"{acc[c]:.2f}"  # only predicted
+            table.add_row([c, names[c], f"{iou[c]:.2f}", acc_text])
+        print_log(
+            f"per-class results ({self.task}, the {len(present)} of {self.num_classes} "
+            f"classes in the ground truth or the predictions):\n{table.get_string()}",
+            logger="current",
+        )
         valid_pixels = area_gt.sum()
         return {
             "mIoU": float(np.nanmean(iou)) if np.any(union > 0) else float("nan"),

@@ -1,4 +1,4 @@
-"""M3ViT backbone: ViT with mixture-of-experts FFNs on every other block (M3VIT.md s. 1).
+"""M3ViT backbone: ViT with mixture-of-experts FFNs on every other block (docs/model.md s. 1).
 
 Parameter names follow the timm ViT layout (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``) so dense
@@ -178,6 +178,11 @@ class M3ViT(TaskNamesMixin, BaseModule):
             G = dense_hidden / Hd contiguous groups (4 groups of 384); expert e takes
             group ``e % G`` (16 experts: each group used by 4 experts, cycling), with
             ``b2 = fc2.bias / G`` so that the sum of experts 0..G-1 equals the dense MLP.
+            That equivalence is about the weights only: at init a MoE layer computes
+            ``sum_j p_j * expert_{i_j}(x)`` over the router's top-k experts i_j with
+            their softmax probabilities p_j (not renormalised), with random routers,
+            so it is not the dense MLP (each expert is one group, a 1/G share of it;
+            the chosen experts may repeat a group; the p_j sum to less than 1).
             'random': experts keep their random init; the dense MLP is dropped.
     """
 
@@ -266,9 +271,12 @@ class M3ViT(TaskNamesMixin, BaseModule):
 
     # ------------------------------------------------------------------ init / loading
     def _reset_dense_parameters(self) -> None:
-        """timm ViT init: every linear (routers included) trunc-normal std 0.02, zero
-        biases, LayerNorms at identity; position embeddings and CLS std 0.02. The experts
-        are initialised by :class:`MoEFFN` itself, with the same distribution."""
+        """timm ViT init: every ``nn.Linear`` trunc-normal std 0.02, zero biases,
+        LayerNorms at identity; position embeddings and CLS std 0.02. The experts are
+        initialised by :class:`MoEFFN` itself, with the same distribution. Router gates
+        then get the authors' ``kaiming_uniform_(a=sqrt(5))``
+        (:func:`..moe.routers.init_gate_`, uniform in +-1/sqrt(E)); the task-conditioned
+        router's task MLP keeps trunc-normal 0.02, as in the authors' code."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -276,6 +284,9 @@ class M3ViT(TaskNamesMixin, BaseModule):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            if block.is_moe and hasattr(block.moe.router, "reset_parameters"):
+                block.moe.router.reset_parameters()
 
     def init_weights(self) -> None:
         """Load ``pretrained`` (if set) on top of the random init done at construction

@@ -1,4 +1,4 @@
-"""SETR progressive-upsampling (PUP) head for one task (M3VIT.md section 2)."""
+"""SETR progressive-upsampling (PUP) head for one task (docs/model.md s. 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training-only cross-task attention module (TAM), an optional ablation (M3VIT.md s. 2).
+"""Training-only cross-task attention module (TAM), an optional ablation (docs/model.md s. 2).
 
 The released M3ViT configs attach TAMs to intermediate PUP-head features. A TAM fuses
 the T tasks' features of one level and predicts every task again from the fused map;
@@ -27,6 +27,8 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
+from ..task_order import TaskNamesMixin, attach_task_names
+
 
 def tam_group_weights(num_tasks: int) -> list[tuple[str, float]]:
     """Per task: which gate it uses ('G' or '1-G') and its divisor's inverse.
@@ -42,8 +44,12 @@ def tam_group_weights(num_tasks: int) -> list[tuple[str, float]]:
 
 
 @MODELS.register_module()
-class TaskAttentionModule(BaseModule):
+class TaskAttentionModule(TaskNamesMixin, BaseModule):
     """Cross-task fusion of one level of head features, producing auxiliary logits.
+
+    The task order fixes the concatenation and the G / 1-G groups, so the task names are
+    saved with the weights and a state dict of another task order fails to load
+    (:mod:`..task_order`).
 
     Args:
         tasks: task names, in the order used for concatenation.
@@ -93,6 +99,14 @@ class TaskAttentionModule(BaseModule):
         self.out_cls = nn.ModuleDict(
             {k: nn.Conv2d(channels, num_classes[k], 1) for k in self.tasks}
         )
+        attach_task_names(self)
+
+    #: the order cannot be remapped by permuting rows: loading another order fails
+    mappable = False
+
+    def task_indexed_parameters(self) -> dict[str, int]:
+        """No row-per-task parameters (the order is checked, never mapped)."""
+        return {}
 
     def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         """``{task: (B, C, H, W)}`` -> auxiliary logits ``{task: (B, K_task, H, W)}``."""

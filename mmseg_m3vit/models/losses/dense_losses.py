@@ -1,4 +1,4 @@
-"""Per-task dense losses (M3VIT.md section 3), registered in mmseg's MODELS.
+"""Per-task dense losses (docs/model.md s. 3), registered in mmseg's MODELS.
 
 Every loss has the same interface: ``loss(pred, target) -> scalar``, with ``pred`` the
 head's raw output (B, C, H, W) and ``target`` the packed ground truth (B, Cg, H, W) of

@@ -4,6 +4,11 @@ Every router maps LayerNorm'd tokens ``x`` (B, N, D) and per-sample task indices
 ``task_ids`` (B,) long (None only for the shared router) to logits (B, N, E). The gate
 math (softmax, top-k, noise) lives in :mod:`.gating`, common to all variants.
 
+Gate matrices start as in the authors' code, ``kaiming_uniform_(a=sqrt(5))`` on the
+(D_in, E) matrix (:func:`init_gate_`): uniform in +-1/sqrt(E), std 1/sqrt(3E) (0.144 for
+16 experts). ``reset_parameters()`` of each router re-applies it (the backbone calls it
+after its own trunc-normal pass over every ``nn.Linear``).
+
 For ONE task every variant is an affine map of the token; each router says which::
 
     router(x, task_ids=[t] * B) == x @ router.task_gate_weight(t) + router.task_logit_offset(t)
@@ -14,11 +19,22 @@ the task-conditioned router, whose task embedding adds a constant per expert).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROUTER_VARIANTS = ("multi_gate", "task_conditioned", "shared")
+#: LayerNorm eps of the task-conditioned router's task MLP (the authors' code)
+TASK_MLP_LN_EPS = 1e-6
+
+
+def init_gate_(weight_in_out: Tensor) -> Tensor:
+    """In place: ``kaiming_uniform_(a=sqrt(5))`` of a gate stored as (D_in, E) (torch
+    takes fan_in = E for that layout), i.e. uniform in +-1/sqrt(E). Pass a transposed
+    view for an ``nn.Linear`` weight (E, D_in)."""
+    return nn.init.kaiming_uniform_(weight_in_out, a=math.sqrt(5))
 
 
 class MultiGateRouter(nn.Module):
@@ -35,7 +51,12 @@ class MultiGateRouter(nn.Module):
         if num_tasks < 1:
             raise ValueError(f"multi_gate router needs at least one task, got {num_tasks}")
         self.weight = nn.Parameter(torch.empty(num_tasks, dim, num_experts))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each task's (D, E) gate: :func:`init_gate_`."""
+        for t in range(self.weight.shape[0]):
+            init_gate_(self.weight.data[t])
 
     def forward(self, x: Tensor, task_ids: Tensor | None) -> Tensor:
         """x (B, N, D), task_ids (B,) long -> logits (B, N, E)."""
@@ -57,9 +78,9 @@ class MultiGateRouter(nn.Module):
 class TaskConditionedRouter(nn.Module):
     """One router on ``concat(token, e_t)``, ``e_t = MLP(one_hot(t))``.
 
-    The task MLP is ``Linear(T, g) -> Linear(g, g) -> GELU -> LayerNorm(g)`` (g =
-    ``task_embed_dims``, M3VIT.md: one_hot -> g -> g, GELU, LayerNorm). The gate is
-    ``Linear(D + g, E, bias=False)``.
+    The task MLP is ``Linear(T, g) -> GELU -> Linear(g, g) -> LayerNorm(g, eps=1e-6)``
+    (g = ``task_embed_dims``; the authors' code: fc1, GELU, fc2, LayerNorm with eps 1e-6).
+    The gate is ``Linear(D + g, E, bias=False)``, initialised by :func:`init_gate_`.
     """
 
     #: the task MLP's first layer takes the one-hot task: its input axis is the task
@@ -74,12 +95,16 @@ class TaskConditionedRouter(nn.Module):
         self.num_tasks = num_tasks
         self.task_mlp = nn.Sequential(
             nn.Linear(num_tasks, task_embed_dims),
-            nn.Linear(task_embed_dims, task_embed_dims),
             nn.GELU(),
-            nn.LayerNorm(task_embed_dims),
+            nn.Linear(task_embed_dims, task_embed_dims),
+            nn.LayerNorm(task_embed_dims, eps=TASK_MLP_LN_EPS),
         )
         self.gate = nn.Linear(dim + task_embed_dims, num_experts, bias=False)
-        nn.init.trunc_normal_(self.gate.weight, std=0.02)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The (D + g, E) gate: :func:`init_gate_` (the task MLP keeps its init)."""
+        init_gate_(self.gate.weight.data.t())
 
     def task_embedding(self, task_ids: Tensor) -> Tensor:
         """task_ids (B,) long -> e_t (B, g)."""
@@ -118,7 +143,11 @@ class SharedRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        nn.init.trunc_normal_(self.gate.weight, std=0.02)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The (D, E) gate: :func:`init_gate_`."""
+        init_gate_(self.gate.weight.data.t())
 
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
         """x (B, N, D) -> logits (B, N, E)."""

@@ -1,4 +1,4 @@
-"""Multi-task segmentor: one M3ViT backbone, one head per task (M3VIT.md sections 3-4)."""
+"""Multi-task segmentor: one M3ViT backbone, one head per task (docs/model.md s. 3-4)."""
 
 from __future__ import annotations
 

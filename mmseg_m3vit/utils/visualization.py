@@ -1,4 +1,4 @@
-"""Colour maps for every task, the prediction panel, and the hook that saves panels.
+"""Colour maps for every task and the image | prediction | ground truth | key panel.
 
 All renderers turn a task map of shape (C, H, W) (the ``PixelData.data`` layout of
 docs/design.md) into an RGB uint8 image (H, W, 3):
@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmengine.hooks import Hook
-from mmseg.registry import HOOKS
 
 from ..tasks import TASK_SPECS, get_task
 
@@ -90,46 +88,131 @@ def colorize(task: str, data: Any, value_range: tuple[float, float] | None = Non
     return rgb
 
 
+def normals_angular_error(pred: Any, gt: Any) -> np.ndarray:
+    """Per-pixel angle in degrees between predicted and ground-truth normals.
+
+    Args:
+        pred, gt: normal maps (3, H, W) (any length; both are normalised per pixel).
+
+    Returns:
+        float64 (H, W) in [0, 180]; NaN where the ground truth is the zero vector
+        (invalid) or the prediction is zero.
+    """
+    p = _to_numpy(pred)[:3].astype(np.float64)
+    g = _to_numpy(gt)[:3].astype(np.float64)
+    pn, gn = np.linalg.norm(p, axis=0), np.linalg.norm(g, axis=0)
+    valid = (pn > 0) & (gn > 0)
+    cos = (p * g).sum(axis=0) / np.where(valid, pn * gn, 1.0)
+    angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    return np.where(valid, angle, np.nan)
+
+
+#: Classes listed in a panel's colour key at most (the most frequent ones).
+MAX_KEY_CLASSES = 14
+#: Upper end of the colour scale of the normals' angular error, in degrees.
+MAX_ERROR_DEG = 60.0
+
+
+def _class_key(ax: Any, maps: list[np.ndarray], names: Sequence[str] | None) -> None:
+    """Draw a colour key of the classes in ``maps`` (most frequent first) into ``ax``."""
+    from matplotlib.patches import Patch
+
+    ids = np.concatenate([m[0].ravel() for m in maps]).astype(np.int64)
+    ids = ids[(ids >= 0) & (ids < 255)]
+    counts = np.bincount(ids) if ids.size else np.zeros(0, np.int64)
+    order = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+    shown = order[:MAX_KEY_CLASSES]
+    handles = [
+        Patch(
+            color=_PALETTE[c] / 255.0,
+            label=f"{c} {names[c]}" if names is not None and c < len(names) else str(c),
+        )
+        for c in sorted(shown)
+    ]
+    if len(order) > len(shown):
+        handles.append(Patch(color="white", label=f"+{len(order) - len(shown)} more"))
+    ax.legend(handles=handles, loc="upper left", fontsize=6, frameon=False, ncol=1)
+
+
 def prediction_panel(
     image_rgb: np.ndarray,
     preds: Mapping[str, Any],
     gts: Mapping[str, Any] | None = None,
     title: str = "",
+    class_names: Mapping[str, Sequence[str]] | None = None,
 ) -> np.ndarray:
-    """Grid ``image | pred task 1 | ... `` over ``(blank) | GT task 1 | ...`` as RGB uint8.
+    """One figure of an image and every task's prediction, ground truth and key, as RGB.
+
+    Columns: the image, then one per task. Rows: prediction, ground truth (when given),
+    then a key row: the colour key of the classes shown (semseg, parts; names from
+    ``class_names``) and the angular error of the normals (degrees, with its colour bar).
+    Depth prediction and ground truth share one colour scale in metres (the ground
+    truth's valid range), shown by a colour bar beside each.
 
     Args:
         image_rgb: (H, W, 3) uint8 RGB image.
         preds: task -> predicted map (C, H, W), at the image size.
         gts: task -> ground-truth map; tasks without GT show an empty cell.
         title: figure title (e.g. the image name).
+        class_names: task -> class names of the label tasks (index = class id).
+
+    Returns:
+        (h, w, 3) uint8 RGB rendering of the figure.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
+    gts = gts or {}
+    class_names = class_names or {}
     tasks = [t for t in preds if t in TASK_SPECS]
-    rows = 2 if gts else 1
+    keyed = [t for t in tasks if get_task(t).is_label and t in ("semseg", "parts")]
+    has_key_row = bool(keyed) or ("normals" in tasks and "normals" in gts)
+    rows = 1 + bool(gts) + has_key_row
     cols = 1 + len(tasks)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
     axes[0, 0].imshow(image_rgb)
     axes[0, 0].set_title("image", fontsize=9)
+    key_row = rows - 1
     for j, task in enumerate(tasks, start=1):
+        cells = [("pred", preds[task], 0)]
+        if task in gts:
+            cells.append(("GT", gts[task], 1))
         depth_range = None
-        if task == "depth" and gts and task in gts:
-            gt = _to_numpy(gts[task])[0]
+        if task == "depth":
+            gt = _to_numpy(gts[task])[0] if task in gts else _to_numpy(preds[task])[0]
             valid = gt[np.isfinite(gt) & (gt > 0)]
             if valid.size:
                 depth_range = (float(valid.min()), float(valid.max()))
-        axes[0, j].imshow(colorize(task, preds[task], depth_range))
-        axes[0, j].set_title(f"{task} pred", fontsize=9)
-        if rows == 2:
-            if task in gts:
-                axes[1, j].imshow(colorize(task, gts[task], depth_range))
-            axes[1, j].set_title(f"{task} GT", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
+        for label, data, row in cells:
+            ax = axes[row, j]
+            ax.imshow(colorize(task, data, depth_range))
+            ax.set_title(f"{task} {label}", fontsize=9)
+            if task == "depth" and depth_range is not None:
+                scale = ScalarMappable(Normalize(*depth_range), cmap="viridis")
+                bar = fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.02, extend="both")
+                bar.set_label("depth (m)", fontsize=7)
+                bar.ax.tick_params(labelsize=6)
+        if task in keyed:
+            maps = [_to_numpy(preds[task])] + ([_to_numpy(gts[task])] if task in gts else [])
+            _class_key(axes[key_row, j], maps, class_names.get(task))
+            axes[key_row, j].set_title(f"{task} classes", fontsize=9)
+        if task == "normals" and task in gts:
+            error = normals_angular_error(preds[task], gts[task])
+            ax = axes[key_row, j]
+            cmap = matplotlib.colormaps["inferno"].with_extremes(bad="0.6")
+            ax.imshow(np.ma.masked_invalid(error), cmap=cmap, vmin=0, vmax=MAX_ERROR_DEG)
+            mean = float(np.nanmean(error)) if np.isfinite(error).any() else float("nan")
+            ax.set_title(f"normals error, mean {mean:.1f}°", fontsize=9)
+            scale = ScalarMappable(Normalize(0, MAX_ERROR_DEG), cmap=cmap)
+            bar = fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.02, extend="max")
+            bar.set_label("angle (°); grey: no GT", fontsize=7)
+            bar.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(h_pad=1.2)
@@ -159,72 +242,3 @@ def save_png(path: str, rgb: np.ndarray) -> None:
 
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     plt.imsave(path, rgb)
-
-
-@HOOKS.register_module()
-class MultiTaskVisualizationHook(Hook):
-    """Save ``image | predictions / ground truth`` panels of every task during testing.
-
-    A multi-task replacement of mmseg's ``SegVisualizationHook`` (which draws only
-    ``pred_sem_seg``); ``tools/test.py --show-dir DIR`` turns it on.
-
-    Args:
-        draw: save panels at all (off by default, as mmseg's hook).
-        interval: save every ``interval``-th test batch.
-        out_dir: folder of the PNGs (relative paths go under the runner's work dir).
-        max_images: stop after this many panels (None: all).
-    """
-
-    priority = "NORMAL"
-
-    def __init__(
-        self,
-        draw: bool = False,
-        interval: int = 1,
-        out_dir: str = "vis",
-        max_images: int | None = None,
-    ) -> None:
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
-        self.draw, self.interval, self.out_dir = draw, interval, out_dir
-        self.max_images = max_images
-        self._saved = 0
-
-    def after_test_iter(
-        self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Sequence = ()
-    ) -> None:
-        """Render and save the panels of this batch."""
-        if not self.draw or batch_idx % self.interval:
-            return
-        import mmcv
-
-        out_dir = self.out_dir
-        if not osp.isabs(out_dir):
-            out_dir = osp.join(runner.work_dir, out_dir)
-        for sample in outputs:
-            if self.max_images is not None and self._saved >= self.max_images:
-                return
-            img_path = sample.metainfo.get("img_path")
-            if img_path is None:
-                continue
-            img = mmcv.imread(img_path, channel_order="rgb")
-            preds, gts = sample_maps(sample)
-            name = osp.splitext(osp.basename(img_path))[0]
-            panel = prediction_panel(img, preds, gts, title=name)
-            save_png(osp.join(out_dir, f"{name}.png"), panel)
-            self._saved += 1
-
-
-def format_metric_table(metrics: Mapping[str, Any], digits: int = 4) -> str:
-    """Metrics dict ``{'semseg/mIoU': 41.2, ...}`` -> a plain two-column text table."""
-    if not metrics:
-        return "(no metrics)"
-    width = max(len(k) for k in metrics)
-    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  {'-' * 10}"]
-    for key, value in metrics.items():
-        if isinstance(value, float | int | np.floating):
-            text = f"{float(value):.{digits}f}"
-        else:
-            text = str(value)
-        lines.append(f"{key.ljust(width)}  {text}")
-    return "\n".join(lines)
