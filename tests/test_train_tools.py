@@ -292,6 +292,24 @@ def test_routing_tool_fractions(tmp_path, config: str, trained: str, capsys) -> 
     assert "top-k = 2 per token" in out and "busiest, share:" in out
     blocks = [line.split()[2] for line in out.splitlines() if line.startswith("semseg ")]
     assert blocks == ["1", "3"]
+    import json
+
+    # --json writes what the tool returns; --max-images bounds the images routed
+    js = str(tmp_path / "routing.json")
+    three = routing_tool.main([config, ckpt, "--json", js, "--out", png, "--max-images", "3"])
+    payload = json.load(open(js))
+    assert payload["images"] == 3 and payload["split"] == "test"
+    assert payload["load"] == {t: a.tolist() for t, a in three.items()}
+    # without a checkpoint: the randomly initialised model, the same for the same seed
+    args = [config, "--json", js, "--out", png, "--max-images", "2", "--init-seed", "3"]
+    first = routing_tool.main(args)
+    assert json.load(open(js))["checkpoint"] is None
+    again = routing_tool.main(args)
+    for t in first:
+        assert (first[t] == again[t]).all()
+        torch.testing.assert_close(
+            torch.from_numpy(first[t].sum(1)), torch.full((2,), 2.0).double()
+        )
 
 
 def test_demo_trivial_predictors_match_direct_computation(config: str, data_root: str) -> None:
