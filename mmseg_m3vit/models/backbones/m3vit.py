@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from ..moe import ROUTER_VARIANTS, MoEFFN, MoERouting
 from ..task_order import TaskNamesMixin, attach_task_names
+from .pos_embed import resize_pos_embed
+from .pretrained import load_timm_checkpoint
 
 EXPERT_INIT_MODES = ("split", "random")
 
@@ -41,38 +43,6 @@ class M3ViTOutput(NamedTuple):
     grid: tuple[int, int]
     balance_loss: Tensor
     routing: list[MoERouting]
-
-
-def resize_pos_embed(
-    pos_embed: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], num_prefix: int = 1
-) -> Tensor:
-    """Bilinearly resize the patch position embeddings, keeping prefix (CLS) tokens apart.
-
-    Args:
-        pos_embed: (1, num_prefix + hs*ws, D).
-        src_grid: (hs, ws) grid of ``pos_embed``.
-        dst_grid: (hd, wd) target grid.
-
-    Returns:
-        (1, num_prefix + hd*wd, D); ``F.interpolate(mode='bilinear', align_corners=False)``
-        on the (1, D, hs, ws) patch part.
-    """
-    hs, ws = src_grid
-    if pos_embed.shape[1] != num_prefix + hs * ws:
-        raise ValueError(
-            f"pos_embed has {pos_embed.shape[1]} tokens; expected {num_prefix} + {hs}x{ws}"
-        )
-    if tuple(src_grid) == tuple(dst_grid):
-        return pos_embed
-    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    d = pos_embed.shape[-1]
-    patches = patches.reshape(1, hs, ws, d).permute(0, 3, 1, 2)
-    compute_dtype = torch.float64 if patches.dtype == torch.float64 else torch.float32
-    patches = F.interpolate(
-        patches.to(compute_dtype), size=tuple(dst_grid), mode="bilinear", align_corners=False
-    ).to(pos_embed.dtype)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], d)
-    return torch.cat([prefix, patches], dim=1)
 
 
 class Attention(nn.Module):
@@ -292,8 +262,6 @@ class M3ViT(TaskNamesMixin, BaseModule):
         """Load ``pretrained`` (if set) on top of the random init done at construction
         (:func:`~.pretrained.load_timm_checkpoint`)."""
         if self.pretrained:
-            from .pretrained import load_timm_checkpoint
-
             load_timm_checkpoint(self, self.pretrained)
         elif self.init_cfg is not None:
             super().init_weights()

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ...compat.checkpoint import SHOWN, extract_state_dict, load_checkpoint_file
 from ..task_order import EXTRA_STATE
+from .pos_embed import resize_pos_embed
 
 if TYPE_CHECKING:
     from .m3vit import M3ViT
@@ -92,8 +93,6 @@ def load_timm_state_dict(
                 f"{source}: pos_embed of shape {tuple(pe.shape)} is not a square grid plus "
                 f"CLS with D={backbone.embed_dims}"
             )
-        from .m3vit import resize_pos_embed
-
         pe = torch.cat([pe[:, :1], pe[:, prefix:]], dim=1)
         new["pos_embed"] = resize_pos_embed(pe, (side, side), backbone.pos_grid)
         used.add("pos_embed")

@@ -1,4 +1,4 @@
-"""Router variants of M3VIT.md section 1: multi-gate, task-conditioned, shared.
+"""Router variants of docs/model.md s. 1: multi-gate, task-conditioned, shared.
 
 Every router maps LayerNorm'd tokens ``x`` (B, N, D) and per-sample task indices
 ``task_ids`` (B,) long (None only for the shared router) to logits (B, N, E). The gate
