@@ -4,10 +4,11 @@ The whole multi-task model is built from the config exactly as training builds i
 (``MODELS.build(cfg.model)``), its checkpoint loaded strictly by the plugin's safe
 loader (:func:`mmseg_m3vit.compat.load_model_checkpoint`: tensors and the globals of our
 Runner's checkpoints only, unless trusted; keys and shapes must match; routers mapped by
-task name), and the task's parts taken from it: ``.backbone`` (the
-``M3ViT``), ``.heads[task]`` (its ``PUPHead``) and, per MoE layer, the router's
-:meth:`task_gate_weight` / :meth:`task_logit_offset` for the task. Nothing is rebuilt by
-hand, so the pathway is the model that was trained.
+task name), and the task's parts taken from it: ``.backbone`` (the ``M3ViT``) and
+``.heads[task]`` (its ``PUPHead``); the Brevitas mirror reads each MoE layer's router for
+the task through the router's ``task_gate_weight`` / ``task_logit_offset``
+(:func:`finn_flow.quant_model.load_backbone`). Nothing is rebuilt by hand, so the pathway
+is the model that was trained.
 
 Shapes: images (1, 3, H, W) normalised; tokens (1, 1 + h*w, D); logits (1, C, H', W').
 """
@@ -28,7 +29,7 @@ class FloatPathway:
 
     Attributes:
         model: the whole ``MultiTaskSegmentor``.
-        task: the task name; ``task_index``: its index in ``model.backbone.tasks``.
+        task: the task name.
         backbone: ``model.backbone`` (``M3ViT``).
         head: ``model.heads[task]`` (``PUPHead``).
         checkpoint: path of the loaded checkpoint, or None (random weights).
@@ -37,7 +38,6 @@ class FloatPathway:
 
     model: nn.Module
     task: str
-    task_index: int
     checkpoint: str | None
     meta: dict = field(default_factory=dict)
 
@@ -50,24 +50,6 @@ class FloatPathway:
     def head(self) -> nn.Module:
         """The task's ``PUPHead``."""
         return self.model.heads[self.task]
-
-    @property
-    def random_weights(self) -> bool:
-        """True when no checkpoint was loaded."""
-        return self.checkpoint is None
-
-    def moe_layers(self) -> list[nn.Module]:
-        """The ``MoEFFN`` of every MoE block, in block order."""
-        return [block.moe for block in self.backbone.blocks if block.is_moe]
-
-    def gate_weights(self) -> list[tuple[Tensor, Tensor]]:
-        """Per MoE layer, the task's router as ``(weight (D, E), offset (E,))``:
-        ``logits = tokens @ weight + offset``."""
-        t = self.task_index
-        return [
-            (moe.router.task_gate_weight(t), moe.router.task_logit_offset(t))
-            for moe in self.moe_layers()
-        ]
 
     @torch.no_grad()
     def tokens(self, img: Tensor) -> Tensor:
@@ -115,6 +97,4 @@ def build_float_pathway(
     if task not in model.heads:
         raise ValueError(f"unknown task {task!r}; the model's tasks are {list(model.heads)}")
     meta = {} if checkpoint is None else load_model_checkpoint(model, checkpoint, trust=trust)
-    tasks = list(model.backbone.tasks)
-    index = tasks.index(task) if task in tasks else 0  # shared router: no task list
-    return FloatPathway(model.eval(), task, index, checkpoint, meta)
+    return FloatPathway(model.eval(), task, checkpoint, meta)

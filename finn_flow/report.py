@@ -124,30 +124,138 @@ def collect_resources(final_model_path: Path, report_dir: Path) -> dict[str, Any
     return {"layers": layers, "total": totals, "finn_total": finn_res.get("total", {})}
 
 
-def performance(
-    report_dir: Path, clock_ns: float, in_bytes: float, out_bytes: float
-) -> dict[str, Any]:
-    """Throughput, latency and DDR traffic per frame from FINN's performance estimate.
+def moe_summary(form: str, layers: list[dict[str, Any]], dims: Any, weight_bits: int) -> dict:
+    """The MoE layers of the design: form, per layer cycles and expert-weight traffic.
 
     Args:
-        report_dir: FINN's report folder (``estimate_network_performance.json``).
+        form: 'reordered' or 'standin'.
+        layers: the reordered layers' reports (``finn_flow.moe_ops.step.load_reports``:
+            one per MoE layer, see finn_flow/moe_ops/README.md).
+        dims: the pathway's :class:`~finn_flow.quant_model.PathwayDims`.
+        weight_bits: bits per expert weight (the stand-in's on-chip bytes).
+
+    Returns:
+        ``{"form", "description", "layers": [...], "expert_ddr_bytes_per_frame":
+        {"worst", "mean"}, "onchip_expert_buffer_bytes"}``; bytes per frame are summed
+        over the MoE layers, "mean" over the verification images' routing.
+    """
+    if form == "reordered":
+        per_layer = [
+            {
+                "layer": rep["layer"],
+                "block": dims.moe_layers[rep["layer"]],
+                "cycles_worst_case": rep["cycles"]["worst_case"],
+                "cycles_val_mean": rep["cycles"]["mean"],
+                "cycles_val_max": rep["cycles"]["max"],
+                "cycles_val_per_image": rep["cycles"]["per_input"],
+                "non_empty_experts_per_image": rep["non_empty_experts_per_input"],
+                "expert_ddr_bytes_per_frame": {
+                    k: rep["expert_ddr_bytes_per_frame"][k] for k in ("worst", "mean", "max")
+                },
+                "onchip_expert_buffer_bytes": rep["onchip_expert_buffer_bytes"],
+                "ddr_image_bytes": rep["ddr_image_bytes"],
+                "swap_check": rep["swap_check"],
+                "thresholds": rep["thresholds"],
+                "folding": rep["folding"],
+            }
+            for rep in layers
+        ]
+        return {
+            "form": "reordered",
+            "description": "expert-by-expert engine (finn_flow/moe_ops): TopKGate -> "
+            "ExpertDispatch -> ExpertFFN -> ExpertCombine; the FFN walks the non-empty "
+            "experts only, reading each expert's weights from DDR into one of two on-chip "
+            "buffers while the other computes; checked identical to the stand-in on the "
+            "verification images before the swap",
+            "layers": per_layer,
+            "expert_ddr_bytes_per_frame": {
+                "worst": sum(x["expert_ddr_bytes_per_frame"]["worst"] for x in per_layer),
+                "mean": sum(x["expert_ddr_bytes_per_frame"]["mean"] for x in per_layer),
+            },
+            "onchip_expert_buffer_bytes": sum(x["onchip_expert_buffer_bytes"] for x in per_layer),
+        }
+    e, d, hd = dims.num_experts, dims.dim, dims.expert_hidden
+    onchip = e * (2 * d * hd + d) * weight_bits // 8  # W1, W2 and the gated b2 matrix
+    return {
+        "form": "standin",
+        "description": "stand-in: all experts computed, weighted by the router's exact "
+        "top-k gates (zero elsewhere); the same function as top-k dispatch, every "
+        "expert's weights on chip",
+        "layers": [
+            {
+                "layer": i,
+                "block": block,
+                "cycles": "not attributed per layer: the stand-in is many finn-plus layers "
+                "that stream in parallel (see resources.layers)",
+                "expert_ddr_bytes_per_frame": {"worst": 0, "mean": 0, "max": 0},
+                "onchip_expert_weight_bytes": onchip,
+            }
+            for i, block in enumerate(dims.moe_layers)
+        ],
+        "expert_ddr_bytes_per_frame": {"worst": 0, "mean": 0},
+        "onchip_expert_buffer_bytes": onchip * len(dims.moe_layers),
+    }
+
+
+def performance(
+    report_dir: Path,
+    clock_ns: float,
+    in_bytes: float,
+    out_bytes: float,
+    moe: dict[str, Any],
+    layers: list[dict[str, Any]],
+    ddr_gbps: float,
+) -> dict[str, Any]:
+    """Throughput, latency and DDR traffic per frame.
+
+    Args:
+        report_dir: FINN's report folder (``estimate_network_performance.json``; its
+            cycles take every layer's worst case, the MoE engine's included).
         clock_ns: clock period in ns; in_bytes / out_bytes: one frame's input patches and
             output logits in bytes.
+        moe: :func:`moe_summary`; layers: :func:`collect_resources`'s per-layer list.
+        ddr_gbps: the board's DDR bandwidth in GB/s.
     """
     perf = json.loads((report_dir / "estimate_network_performance.json").read_text())
     max_cycles = int(perf["max_cycles"])
     lat_cycles = int(perf["critical_path_cycles"])
-    return {
+    fps = 1e9 / (clock_ns * max_cycles)
+    experts = moe["expert_ddr_bytes_per_frame"]
+    io = in_bytes + out_bytes
+    res = {
         "clock_MHz": 1000.0 / clock_ns,
         "max_cycles_per_frame (bottleneck layer)": max_cycles,
         "critical_path_cycles": lat_cycles,
-        "throughput_fps": 1e9 / (clock_ns * max_cycles),
+        "throughput_fps": fps,
         "latency_ms": lat_cycles * clock_ns * 1e-6,
-        "ddr_bytes_per_frame": in_bytes + out_bytes,
-        "ddr_note": "input patches + output logits; all weights (every expert, the "
-        "stand-in MoE form) are on chip, so no weight traffic per frame",
+        "ddr_bytes_per_frame": io + experts["worst"],
+        "ddr_bytes_per_frame_val_mean": io + experts["mean"],
+        "ddr_bytes": {
+            "input_patches": in_bytes,
+            "output_logits": out_bytes,
+            "expert_weights_worst": experts["worst"],
+            "expert_weights_val_mean": experts["mean"],
+        },
+        "ddr_GBps_at_throughput": (io + experts["worst"]) * fps / 1e9,
+        "ddr_GBps_board": ddr_gbps,
         "finn_estimate_network_performance": perf,
     }
+    if moe["form"] == "reordered":
+        res["ddr_note"] = (
+            "input patches + output logits + the non-empty experts' weights of every MoE "
+            "layer (worst case: every expert non-empty; mean over the verification images' "
+            "routing); the other weights are on chip"
+        )
+        others = [x["cycles"] for x in layers if not x["op_type"].startswith("ExpertFFN")]
+        val_max = max([*others, *(x["cycles_val_max"] for x in moe["layers"])])
+        res["max_cycles_per_frame_val_routing"] = val_max
+        res["throughput_fps_val_routing"] = 1e9 / (clock_ns * val_max)
+    else:
+        res["ddr_note"] = (
+            "input patches + output logits; all weights (every expert, the stand-in MoE "
+            "form) are on chip, so no weight traffic per frame"
+        )
+    return res
 
 
 def pathway_summary(
@@ -158,6 +266,7 @@ def pathway_summary(
     out_hw: tuple[int, int],
     size: tuple[int, int],
     bits: int,
+    moe_form: str,
 ) -> dict[str, Any]:
     """What the design computes and what runs where.
 
@@ -166,6 +275,7 @@ def pathway_summary(
         head: the task's float ``PUPHead``; extra: the head's final integer nearest
             resize ((1, 1): none); out_hw: (H, W) of the design's output.
         size: (H, W) of the input frame; bits: weight / activation bits.
+        moe_form: 'reordered' or 'standin' (see :func:`moe_summary`).
     """
     head_note = (
         f"PUP head (LayerNorm, {head.num_up + 1} conv3x3+BN+ReLU at {head.channels} "
@@ -185,7 +295,12 @@ def pathway_summary(
     on_fpga = [
         "patch projection (QuantLinear), CLS/position token table",
         f"{dims.num_layers} transformer blocks (attention, LayerNorm, GELU, "
-        f"MoE stand-in on {list(dims.moe_layers)})",
+        + (
+            f"the reordered expert-by-expert MoE engine on blocks {list(dims.moe_layers)}, "
+            "expert weights streamed from DDR)"
+            if moe_form == "reordered"
+            else f"MoE stand-in on blocks {list(dims.moe_layers)}, all experts on chip)"
+        ),
         head_note,
     ]
     if getattr(head, "upsample_mode", "bilinear") != "nearest":
@@ -198,8 +313,7 @@ def pathway_summary(
         "tokens": dims.tokens,
         "description": f"patch projection + {dims.num_layers} blocks "
         f"(MoE on {list(dims.moe_layers)}), task {task}'s routers + {task} PUP head",
-        "moe_form": "stand-in: all experts computed, weighted by the router's top-k "
-        "gates (zero elsewhere); the same function as top-k dispatch",
+        "moe_form": moe_form,
         "on_fpga": on_fpga,
         "on_host": host,
         "not_on_fpga": "; ".join(host),
@@ -291,7 +405,7 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
         f"- quantization: {summary['quantization']}",
         f"- calibration: {summary['calibration']}",
         f"- pathway: {summary['pathway']['description']}",
-        f"- MoE: {summary['pathway']['moe_form']}",
+        f"- MoE: {(summary.get('moe') or {}).get('description', summary['pathway']['moe_form'])}",
     ]
     on_fpga = summary["pathway"].get("on_fpga")
     if on_fpga:
@@ -372,12 +486,41 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
                 f"{layer['LUT']:.0f} | {layer['BRAM_18K']:.0f} | {layer['DSP']:.0f} | "
                 f"{layer['source']} |"
             )
+    moe = summary.get("moe")
+    if moe and moe.get("form") == "reordered":
+        lines += ["", f"## MoE layers ({moe['form']}; cycles are the engine's model)", ""]
+        lines += [
+            "| layer (block) | cycles worst case | cycles val mean / max | non-empty experts "
+            "per image | expert DDR bytes/frame worst / val mean | on-chip expert buffers "
+            "(bytes) | swap check |",
+            "|---" * 7 + "|",
+        ]
+        for x in moe["layers"]:
+            ddr = x["expert_ddr_bytes_per_frame"]
+            check = x["swap_check"]
+            lines.append(
+                f"| {x['layer']} ({x['block']}) | {x['cycles_worst_case']} | "
+                f"{x['cycles_val_mean']:.0f} / {x['cycles_val_max']} | "
+                f"{x['non_empty_experts_per_image']} | {ddr['worst']} / {ddr['mean']:.0f} | "
+                f"{x['onchip_expert_buffer_bytes']} | "
+                f"{'identical' if check['identical'] else 'DIFFERENT'} on "
+                f"{check['inputs']} images |"
+            )
+    ddr = summary.get("ddr_image")
+    if ddr:
+        lines += ["", "## Expert DDR image (--dump-ddr)", ""]
+        lines.append(
+            f"- `{ddr['folder']}`: {', '.join(ddr['files'])}; {ddr['bytes']} bytes, AXI "
+            f"{ddr['axi_bits']} bits; node offsets {ddr['nodes']}"
+        )
     perf = summary.get("performance")
     if perf:
         lines += ["", "## Performance (estimates)", ""]
         for k, v in perf.items():
             lines.append(f"- {k}: {v}")
     lines += ["", "## Steps run", ""]
+    for k, v in (summary.get("stage_seconds") or {}).items():
+        lines.append(f"- {k}: {v} s (before FINN)")
     split = (summary.get("pieces") or {}).get("steps") or {}
     for k, v in (summary.get("step_seconds") or {}).items():
         where = ""

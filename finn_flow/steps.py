@@ -33,6 +33,7 @@ from qonnx.custom_op.registry import getCustomOp
 
 from finn_flow import BuildError, pieces, write_atomic
 from finn_flow.graph_passes import PIECE_PASSES
+from finn_flow.moe_ops.step import step_m3vit_moe_reordered
 from finn_flow.report import StepRecords
 
 #: Node attributes that make up a folding (written to ``<out>/folding.json``).
@@ -56,6 +57,10 @@ class M3ViTBuildConfig(DataflowBuildConfig):
             (:func:`finn_flow.finn_env.start_finn`), for piece workers.
         piece_jobs: worker processes for the piece-wise passes (0: whole graph here).
         piece_min_nodes: smallest piece, in graph nodes (:func:`finn_flow.pieces.split`).
+        moe_layers: MoE layers of the pathway: the MoE swap
+            (:func:`finn_flow.moe_ops.step.step_m3vit_moe_reordered`) must replace exactly
+            this many stand-in regions (-1: not checked).
+        moe_axi_bits: data width of the AXI port the experts' weights are read through.
     """
 
     mode: str = "estimate"
@@ -65,6 +70,8 @@ class M3ViTBuildConfig(DataflowBuildConfig):
     finn_root: str = ""
     piece_jobs: int = 0
     piece_min_nodes: int = 10
+    moe_layers: int = -1
+    moe_axi_bits: int = 128
 
     def finn_config(self) -> DataflowBuildConfig:
         """FINN's own part of this config (what graph passes and piece workers read)."""
@@ -273,8 +280,6 @@ def build_steps(mode: str, moe: str = "reordered") -> list[Step]:
     (:mod:`finn_flow.moe_ops`) between streamlining and the conversion to HW layers;
     'standin' keeps the stand-in.
     """
-    from finn_flow.moe_ops.step import step_m3vit_moe_reordered
-
     moe_steps: list[Step] = [step_m3vit_moe_reordered] if moe == "reordered" else []
     steps: list[Step] = [
         step_m3vit_qonnx_to_finn,

@@ -149,7 +149,9 @@ def _task_build(builds: dict, task: str, trained, perturbed) -> tuple[int, Path]
         cfg, ckpt = trained
         return _build(builds, task, "--checkpoint", str(ckpt), config=cfg)
     if task == "semseg":
-        return _build(builds, task, "--checkpoint", str(perturbed), "--mode", "codegen")
+        return _build(
+            builds, task, "--checkpoint", str(perturbed), "--mode", "codegen", "--dump-ddr"
+        )
     if task == "depth":
         return _build(builds, task, "--checkpoint", str(perturbed))
     return _build(builds, task)
@@ -168,8 +170,12 @@ def test_tiny_build_finishes_and_verifies(builds: dict, task: str, trained, pert
     for v in ver.values():
         assert v["images"] == VERIFY_IMAGES and len(v["max_error_lsb_per_image"]) == VERIFY_IMAGES
         assert v["max_lsb_bound"] == summary["max_lsb"]
-    # the build enforces its bound (--max-lsb, default 16 output LSBs) on every image
-    assert ver["hw_layers"]["max_error_lsb"] <= summary["max_lsb"] == 16.0
+    # the build enforces its bound (--max-lsb, default 8 output LSBs) on every image; with
+    # the reordered engine the HW graph computes what the streamlined one does
+    assert ver["hw_layers"]["max_error_lsb"] <= summary["max_lsb"] == 8.0
+    assert ver["hw_layers"]["max_error_lsb_per_image"] == pytest.approx(
+        ver["streamlined"]["max_error_lsb_per_image"], abs=1e-3
+    )
     if task == "edge":  # zero biases: every op exact but float LayerNorm/softmax, <= 1 LSB
         assert ver["hw_layers"]["max_error_lsb"] <= 1.0 + 1e-4
     # the task head is part of the design: NHWC logits at the input size
@@ -186,6 +192,24 @@ def test_tiny_build_finishes_and_verifies(builds: dict, task: str, trained, pert
     assert not any("resize of the" in h for h in summary["pathway"]["on_host"])
     ops = {layer["op_type"] for layer in summary["resources"]["layers"]}
     assert {"UpsampleNearestNeighbour_hls", "ConvolutionInputGenerator_rtl"} <= ops, ops
+    # the reordered MoE engine, swapped in after a check on every verification image
+    assert summary["moe_form"] == "reordered" and summary["moe"]["form"] == "reordered"
+    assert {"TopKGate_hls", "ExpertDispatch_hls", "ExpertFFN_hls", "ExpertCombine_hls"} <= ops
+    (layer,) = summary["moe"]["layers"]
+    assert layer["swap_check"] == {
+        "inputs": VERIFY_IMAGES, "identical": True, "compared": ["gate codes", "output"]
+    }  # fmt: skip
+    assert len(layer["cycles_val_per_image"]) == VERIFY_IMAGES
+    assert layer["cycles_val_max"] <= layer["cycles_worst_case"]
+    assert (
+        0
+        < layer["expert_ddr_bytes_per_frame"]["mean"]
+        <= layer["expert_ddr_bytes_per_frame"]["worst"]
+    )
+    perf = summary["performance"]
+    io = perf["ddr_bytes"]["input_patches"] + perf["ddr_bytes"]["output_logits"]
+    assert io == (5 * 48 + 8 * 8 * channels) * 8 / 8  # 8-bit patches in, 8-bit logits out
+    assert perf["ddr_bytes_per_frame"] == io + layer["expert_ddr_bytes_per_frame"]["worst"]
 
 
 def test_trained_checkpoint_feeds_the_flow_without_opt_in(builds: dict, trained, perturbed) -> None:
@@ -195,6 +219,7 @@ def test_trained_checkpoint_feeds_the_flow_without_opt_in(builds: dict, trained,
     summary = json.loads((out / "summary.json").read_text())
     assert rc == 0, summary.get("error")
     assert summary["checkpoint"] == str(trained[1])
+    assert summary["checkpoint_meta"]["iter"] == 2  # the Runner's meta, read back
     assert summary["calibration"].startswith("val split of")
     assert summary["verification_images"].startswith(f"{VERIFY_IMAGES} of the val split")
     val = summary["float_vs_quant"]["val_metric"]
@@ -217,6 +242,22 @@ def test_codegen_writes_sources(builds: dict, trained, perturbed) -> None:
     for name, files in per_layer.items():
         assert any(Path(cg["folder"]).glob(f"code_gen_ipgen_{name}_*/{files[0]}")), name
     assert "Generated sources" in (out / "SUMMARY.md").read_text()
+
+
+def test_dump_ddr_writes_the_expert_images(builds: dict, trained, perturbed) -> None:
+    """--dump-ddr: one AXI-aligned image per MoE layer, as large as the engine says."""
+    rc, out = _task_build(builds, "semseg", trained, perturbed)
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    layout = json.loads((out / "ddr" / "moe_experts.json").read_text())
+    blob = (out / "ddr" / "moe_experts.bin").read_bytes()
+    assert len(blob) == layout["bytes"] == summary["ddr_image"]["bytes"]
+    (node,) = layout["nodes"]
+    (layer,) = summary["moe"]["layers"]
+    assert node["bytes"] == layer["ddr_image_bytes"] and len(node["experts"]) == 4
+    stride = node["experts"][1]["offset"] - node["experts"][0]["offset"]
+    assert stride % (128 // 8) == 0  # every expert starts on a 128-bit AXI word
+    assert any(blob[node["ddr_offset"] : node["ddr_offset"] + node["bytes"]])
 
 
 def test_summary_consistent_with_finn_reports(builds: dict, trained, perturbed) -> None:
@@ -312,6 +353,30 @@ def _expect_exit(args: list[str], capsys: pytest.CaptureFixture, match: str) -> 
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert match in err, err
+
+
+def test_help_shows_defaults_and_tasks(capsys: pytest.CaptureFixture) -> None:
+    from finn_flow import build
+
+    with pytest.raises(SystemExit) as exc:
+        build.parse_args(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the default config has semseg, depth, normals, edge" in text
+    for default in ("(default: normals)", "(default: reordered)", "(default: estimate)",
+                    "(default: ZCU104)", "(default: 10)"):  # fmt: skip
+        assert default in text, default
+
+
+def test_dump_ddr_needs_the_reordered_engine(
+    tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _expect_exit(
+        ["--task", "depth", "--config", str(tiny_config), "--out", str(tmp_path / "o"),
+         "--moe", "standin", "--dump-ddr"],
+        capsys,
+        "--dump-ddr writes the reordered MoE engine's expert images",
+    )  # fmt: skip
 
 
 def test_wrong_task_fails_clearly(tiny_config: Path, tmp_path: Path, capsys) -> None:

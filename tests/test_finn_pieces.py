@@ -105,18 +105,22 @@ fpga = dict(input_size=(8, 8), calib_images=2, target_fps=10000, val_images=2)
 
 @pytest.mark.slow
 def test_piecewise_build_equals_whole_graph_build(tmp_path: Path) -> None:
+    """Same design cut in pieces or not; built with the stand-in MoE form, which this
+    test keeps covering (the other build tests use the reordered engine)."""
     from finn_flow import build
 
     base = Path(__file__).resolve().parents[1] / "configs" / "fpga"
     cfg = tmp_path / "one_block.py"
     base_cfg = base / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
     cfg.write_text(ONE_BLOCK.format(base=str(base_cfg)))
-    common = ["--task", "normals", "--config", str(cfg)]
+    common = ["--task", "normals", "--config", str(cfg), "--moe", "standin"]
     assert build.main(common + ["--out", str(tmp_path / "whole"), "--jobs", "0"]) == 0
     assert build.main(common + ["--out", str(tmp_path / "split"), "--piece-nodes", "20"]) == 0
     whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
     split = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert whole["pieces"]["steps"] == {}  # --jobs 0: nothing was cut
+    assert whole["moe_form"] == split["moe_form"] == "standin"
+    assert "step_m3vit_moe_reordered" not in split["steps"]
     steps = split["pieces"]["steps"]
     for name in ("step_m3vit_qonnx_to_finn", "step_m3vit_streamline"):
         assert steps[name]["pieces"] >= 2, steps  # attention half | MoE half (+ head)
