@@ -208,3 +208,97 @@ def is_gelu_table_op(model: ModelWrapper, node) -> bool:
             return True
         return p.op_type in ("Sub", "Mul") and is_gelu_table_op(model, p)
     return False
+
+
+def integer_thresholds(thresholds: np.ndarray) -> np.ndarray:
+    """Thresholds on an integer input as integers (float64): ``x >= t <=> x >= ceil(t)``."""
+    return np.ceil(np.asarray(thresholds, dtype=np.float64))
+
+
+def shared_row_and_shifts(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Split per-channel integer thresholds into one shared row and integer shifts.
+
+    Args:
+        thresholds: (C, N) thresholds of a MultiThreshold on an integer input.
+
+    Returns:
+        ``(row (N,), shifts (C,))`` with ``ceil(thresholds[c]) == row + shifts[c]`` for
+        every channel, or None when the rows are not integer shifts of one row. Then
+        ``count(x >= thresholds[c]) == count(x - shifts[c] >= row)`` for every integer x.
+    """
+    if thresholds.ndim != 2 or thresholds.shape[0] < 2:
+        return None
+    t = integer_thresholds(thresholds)
+    if not np.all(np.isfinite(t)):
+        return None
+    shifts = t[:, 0] - t[0, 0]
+    if not np.array_equal(t - shifts[:, None], np.broadcast_to(t[:1], t.shape)):
+        return None
+    return t[0].copy(), shifts
+
+
+class SharedThresholdTable(Transformation):
+    """Rewrite per-channel thresholds that are integer shifts of one row as an integer
+    bias plus one shared table.
+
+    A quantizer after a linear layer whose bias lies on the accumulator grid
+    (:class:`finn_flow.quant_model.QuantSpec` ``int_bias``) streamlines into a
+    MultiThreshold on the integer accumulator with one threshold row per channel, each
+    row the same row shifted by the channel's integer bias. finn-plus's thresholding
+    layer would store all C rows; after this pass the graph is
+
+        accumulator -> Add(-shift[c]) (integer, per channel) -> MultiThreshold(one row)
+
+    which is exact for integer inputs (see :func:`shared_row_and_shifts`); the Add
+    becomes an integer elementwise-add layer (C constants) and the thresholding layer's
+    generator emits one table per PE instead of C rows. Only MultiThresholds on an
+    integer input with channels last (``NWC`` / ``NHWC``) are rewritten; the others are
+    left as they are. ``self.rewritten`` lists ``(output tensor, channels)`` afterwards
+    (node names change: the pass gives every node a unique name at the end).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rewritten: list[tuple[str, int]] = []  # (MultiThreshold output, channels)
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        """Rewrite every matching MultiThreshold in one pass; returns (model, False)."""
+        from qonnx.custom_op.registry import getCustomOp
+
+        graph = model.graph
+        for node in list(graph.node):
+            if node.op_type != "MultiThreshold":
+                continue
+            idt = model.get_tensor_datatype(node.input[0])
+            thr = model.get_initializer(node.input[1])
+            inst = getCustomOp(node)
+            if thr is None or not idt.is_integer():
+                continue
+            if inst.get_nodeattr("data_layout") not in ("NWC", "NHWC", "NC"):
+                continue
+            split = shared_row_and_shifts(thr)
+            if split is None:
+                continue
+            row, shifts = split
+            self.rewritten.append((node.output[0], int(thr.shape[0])))
+            model.set_initializer(node.input[1], row[None, :].astype(np.float32))
+            if not shifts.any():  # identical rows: one row is enough
+                continue
+            neg = (-shifts).astype(np.float32)
+            cname = model.make_new_valueinfo_name()
+            model.set_initializer(cname, neg)
+            lo, hi = int(neg.min()), int(neg.max())
+            model.set_tensor_datatype(
+                cname, DataType.get_smallest_possible(lo if -lo > hi else -hi - 1)
+            )
+            shifted = model.make_new_valueinfo_name()
+            add = helper.make_node("Add", [node.input[0], cname], [shifted])
+            graph.node.insert(list(graph.node).index(node), add)
+            model.set_tensor_shape(shifted, model.get_tensor_shape(node.input[0]))
+            model.set_tensor_datatype(shifted, DataType["INT32"])
+            node.input[0] = shifted
+        if self.rewritten:
+            model = model.transform(InferShapes())
+            model = model.transform(InferDataTypes())
+            model = model.transform(GiveUniqueNodeNames())
+        return model, False
