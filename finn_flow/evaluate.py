@@ -1,6 +1,9 @@
-"""Task metric of the float and the quantized FPGA pathway on the configured val split.
+"""The val split as the FPGA flow sees it: input frames, and the task metric of the float
+and the quantized pathway.
 
-Issue 6 item 2: report the float and quantized metric of the task on the val split.
+:func:`val_frames` yields the configured val images as FPGA input frames (calibration
+and verification use them through :func:`input_frames`, which falls back to synthetic
+frames when the data set is missing, and says so).
 :func:`evaluate_val_metric` runs both models on the same val images, turns their
 logits into predictions exactly as :class:`MultiTaskSegmentor` does (the task head's
 :meth:`PUPHead.predict_by_feat`) and scores them with the task's metric from the
@@ -26,11 +29,10 @@ Per image (batch 1)::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from mmseg_m3vit.engine import resolve_data_root
 
 #: ``(1, 3, H, W)`` normalised image -> ``(1, C, h, w)`` task logits (NCHW).
 LogitsFn = Callable[[Any], Any]
@@ -41,39 +43,31 @@ class ValDataError(RuntimeError):
     the message names the config key and the path."""
 
 
-def resolve_data_root(root: str | Path) -> Path:
-    """``root`` as given when it exists (absolute or relative to the working directory),
-    else relative to the repository root (the configs' convention); may not exist."""
-    path = Path(root).expanduser()
-    if path.exists() or path.is_absolute():
-        return path.resolve()
-    return REPO / path
-
-
 def task_metric_config(cfg: Any, task: str) -> dict:
     """The metric config of ``task`` inside ``cfg.val_evaluator``.
 
-    ``val_evaluator`` is a one-element list holding a ``MultiTaskDeltaMetric`` whose
-    ``metrics`` dict has one metric config per task (configs/_base_/datasets/nyud_mt.py);
-    a bare dict or a list of per-task metrics (each with a ``task`` key, or a metric type
-    for this task only) is accepted too.
+    ``val_evaluator`` is a ``MultiTaskDeltaMetric`` whose ``task_metrics`` dict has one
+    metric config per task (configs/_base_/datasets/nyud_mt.py); a list of them, or of
+    per-task metrics (each with a ``task`` key), is accepted too.
 
     Raises:
         ValDataError: no metric for ``task`` (naming ``val_evaluator`` and what it holds).
     """
+    from mmseg_m3vit.evaluation.metrics import task_metric_configs
+
     evaluator = cfg.get("val_evaluator")
     if evaluator is None:
         raise ValDataError("config has no 'val_evaluator' (needed for the task's val metric)")
     entries = list(evaluator) if isinstance(evaluator, list | tuple) else [evaluator]
     for entry in entries:
-        metrics = entry.get("metrics")
+        metrics = entry.get("task_metrics")
         if isinstance(metrics, dict) and task in metrics:
-            return dict(metrics[task])
+            return task_metric_configs(metrics, [task])[task]
         if entry.get("task") == task:
             return dict(entry)
     raise ValDataError(
         f"config key val_evaluator has no metric for task {task!r} "
-        f"(expected val_evaluator[0].metrics.{task}; found {entries})"
+        f"(expected val_evaluator.task_metrics.{task}; found {entries})"
     )
 
 
@@ -81,7 +75,8 @@ def build_val_dataset(cfg: Any) -> tuple[Any, str]:
     """Build ``cfg.val_dataloader.dataset`` (default scope of the config, 'mmseg').
 
     Returns ``(dataset, description)``; ``data_root`` is resolved with
-    :func:`resolve_data_root` (relative paths: against the repository root).
+    :func:`mmseg_m3vit.engine.resolve_data_root` (relative paths: against the working
+    directory, else the repository root).
 
     Raises:
         ValDataError: no ``val_dataloader.dataset`` in the config, its data root does not
@@ -125,15 +120,64 @@ def build_val_dataset(cfg: Any) -> tuple[Any, str]:
     return dataset, desc + ")"
 
 
+def val_frames(
+    cfg: Any, size: tuple[int, int], num_images: int | None = None
+) -> Iterator[tuple[Any, Any, dict]]:
+    """The first ``num_images`` val images (all when None) as FPGA input frames.
+
+    Yields ``(frame, data_sample, meta)``: ``frame`` (1, 3, H, W) float32, the image
+    through ``model.data_preprocessor`` (normalised, padded) resized bilinearly
+    (align_corners=False) to ``size`` = (H, W); ``data_sample`` the loader's sample
+    (ground truth at the original size); ``meta`` its metainfo after the preprocessor.
+
+    Raises:
+        ValDataError: the val data set is missing or unusable (see
+            :func:`build_val_dataset`).
+    """
+    import torch
+    import torch.nn.functional as F
+    from mmseg.registry import MODELS
+
+    dataset, _ = build_val_dataset(cfg)
+    n = len(dataset) if num_images is None else min(int(num_images), len(dataset))
+    pre = MODELS.build(dict(cfg.model.data_preprocessor))
+    with torch.no_grad():
+        for i in range(n):
+            item = dataset[i]
+            sample = item["data_samples"]
+            batch = pre(dict(inputs=[item["inputs"]], data_samples=[sample]), False)
+            img = batch["inputs"].float()
+            img = F.interpolate(img, size=tuple(size), mode="bilinear", align_corners=False)
+            yield img, sample, batch["data_samples"][0].metainfo
+
+
+def input_frames(cfg: Any, num: int, size: tuple[int, int], seed: int) -> tuple[list, str]:
+    """``num`` FPGA input frames (1, 3, H, W) and where they came from.
+
+    The first ``num`` val images (:func:`val_frames`) when the configured val data set
+    exists, else synthetic N(0, 1) frames drawn with ``seed`` (the note says why).
+    """
+    import torch
+
+    try:
+        _, desc = build_val_dataset(cfg)
+        frames = [img for img, _, _ in val_frames(cfg, size, num)]
+        return frames, f"val split of {desc} ({len(frames)} images)"
+    except ValDataError as err:
+        note = f"synthetic N(0,1) images ({err})"
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 3, *size, generator=gen) for _ in range(num)], note
+
+
 def build_post_head(cfg: Any, task: str, in_channels: int | None = None) -> Any:
     """The task's ``PUPHead`` of ``cfg.model.decode_heads`` (random weights: only its
     post-processing, :meth:`PUPHead.predict_by_feat`, and its resize are used)."""
     from mmseg.registry import MODELS
 
     import mmseg_m3vit  # noqa: F401
+    from mmseg_m3vit.models.segmentors import model_head_configs
 
-    hcfg = dict(cfg.model.decode_heads[task])
-    hcfg.setdefault("task", task)
+    hcfg = model_head_configs(cfg.model)[task]
     hcfg.setdefault("in_channels", in_channels or cfg.model.backbone.get("embed_dims", 384))
     return MODELS.build(hcfg).eval()
 
@@ -171,7 +215,7 @@ def evaluate_val_metric(
     Args:
         cfg: mmengine config with ``val_dataloader.dataset``, ``val_evaluator`` and
             ``model.data_preprocessor`` / ``model.decode_heads[task]``.
-        task: task name (key of ``val_evaluator[0].metrics``).
+        task: task name (key of ``val_evaluator.task_metrics``).
         float_logits_fn / quant_logits_fn: normalised image (1, 3, H, W) float32 ->
             logits (1, C, h, w) NCHW (called under ``torch.no_grad()``).
         size: (H, W) in pixels of the FPGA input frame; every preprocessed val image is
@@ -191,9 +235,8 @@ def evaluate_val_metric(
             message names the config key and the path).
     """
     import torch
-    import torch.nn.functional as F
     from mmengine.structures import PixelData
-    from mmseg.registry import METRICS, MODELS
+    from mmseg.registry import METRICS
 
     from mmseg_m3vit.tasks import get_task
 
@@ -204,7 +247,6 @@ def evaluate_val_metric(
     n = len(dataset) if num_images is None else min(int(num_images), len(dataset))
     if n < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    pre = MODELS.build(dict(cfg.model.data_preprocessor))
     if head is None:
         head = build_post_head(cfg, task)
     metrics = {"float": METRICS.build(dict(mcfg)), "quantized": METRICS.build(dict(mcfg))}
@@ -212,18 +254,12 @@ def evaluate_val_metric(
         metric.dataset_meta = dataset.metainfo
     fns = {"float": float_logits_fn, "quantized": quant_logits_fn}
     with torch.no_grad():
-        for i in range(n):
-            item = dataset[i]
-            sample = item["data_samples"]
+        for i, (img, sample, meta) in enumerate(val_frames(cfg, size, n)):
             if spec.gt_field not in sample:
                 raise ValDataError(
                     f"val sample {i} has no {spec.gt_field!r} (task {task!r} not among "
                     "val_dataloader.dataset.tasks?)"
                 )
-            batch = pre(dict(inputs=[item["inputs"]], data_samples=[sample]), False)
-            img = batch["inputs"].float()
-            img = F.interpolate(img, size=tuple(size), mode="bilinear", align_corners=False)
-            meta = batch["data_samples"][0].metainfo
             for kind, fn in fns.items():
                 logits = fn(img)
                 if logits.dim() != 4 or logits.shape[:2] != (1, head.num_classes):

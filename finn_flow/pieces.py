@@ -14,7 +14,8 @@ pieces as on the whole. This module:
   token streams only, so that the task head, whose layout transposes must cancel
   across its convolutions, stays in one piece),
 - groups the segments into pieces of at least ``min_nodes`` nodes (:func:`split`),
-- runs named build steps on the pieces in worker processes (:func:`run_on_pieces`),
+- runs one graph pass of :mod:`finn_flow.graph_passes` on the pieces in worker
+  processes (:func:`run_on_pieces`),
 - stitches the results into one model with the boundary tensors' names (:func:`stitch`).
 
 The stitched model is verified like any other (python execution against the Brevitas
@@ -24,7 +25,6 @@ output), so a piece that changed its function would be caught there.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -259,42 +259,37 @@ def stitch(
 
 
 def _run_piece(job: dict) -> dict:
-    """Worker: run the named steps of ``finn_flow.build.make_steps`` on one piece."""
-    from finn.builder.build_dataflow_config import DataflowBuildConfig
-
-    from finn_flow.build import make_steps
+    """Worker: run one graph pass of :mod:`finn_flow.graph_passes` on one piece."""
     from finn_flow.finn_env import start_finn
 
     start_finn(job["finn_root"])
+    from finn.builder.build_dataflow_config import DataflowBuildConfig
+
+    from finn_flow.graph_passes import PIECE_PASSES
+
     cfg = DataflowBuildConfig.from_json(Path(job["cfg_json"]).read_text())
-    state = dict(job["state"])
-    steps = {s.__name__: s for s in make_steps(Path(job["out"]), state)}
-    model = ModelWrapper(job["path"])
-    times, saved = {}, {}
-    for name in job["steps"]:
-        t0 = time.time()
-        model = steps[name](model, cfg)
-        times[name] = time.time() - t0
-        path = f"{job['path'][: -len('.onnx')]}_{name}.onnx"
-        model.save(path)
-        saved[name] = path
-    return {"index": job["index"], "seconds": times, "saved": saved}
+    t0 = time.time()
+    model = PIECE_PASSES[job["pass"]](ModelWrapper(job["path"]), cfg)
+    seconds = time.time() - t0
+    path = f"{job['path'][: -len('.onnx')]}_{job['pass']}.onnx"
+    model.save(path)
+    return {"index": job["index"], "seconds": seconds, "saved": path}
 
 
 def run_on_pieces(
     pieces: Sequence[ModelWrapper],
-    step_names: Sequence[str],
+    pass_name: str,
     work: Path,
-    out: Path,
+    finn_root: str,
     cfg_json: Path,
-    state: dict,
     workers: int,
 ) -> list[dict]:
-    """Run ``step_names`` on every piece, ``workers`` pieces at a time (spawned processes).
+    """Run the graph pass ``pass_name`` on every piece, ``workers`` pieces at a time.
 
-    Pieces are saved under ``work``; each worker starts FINN itself (settings under
-    ``out``). Returns, per piece, the seconds per step and the saved model of each step.
-    Progress is printed as pieces finish.
+    Pieces are saved under ``work``; each worker (a spawned process) starts FINN itself
+    (settings under ``finn_root``) and reads FINN's build config from ``cfg_json``.
+    Returns, per piece in order, ``{"index", "seconds", "saved": model path}``. Progress
+    is printed as pieces finish.
     """
     work.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -305,11 +300,9 @@ def run_on_pieces(
             {
                 "index": k,
                 "path": path,
-                "steps": list(step_names),
-                "out": str(out),
-                "finn_root": str(out),
+                "pass": pass_name,
+                "finn_root": str(finn_root),
                 "cfg_json": str(cfg_json),
-                "state": {k2: v for k2, v in state.items() if _jsonable(v)},
             }
         )
     # largest pieces first, so that the slowest one does not start last
@@ -323,15 +316,7 @@ def run_on_pieces(
             results.append(res)
             print(
                 f"[pieces] {len(results)}/{len(jobs)} done (piece {res['index']}, "
-                f"{sum(res['seconds'].values()):.0f} s; {time.time() - t0:.0f} s elapsed)",
+                f"{res['seconds']:.0f} s; {time.time() - t0:.0f} s elapsed)",
                 flush=True,
             )
     return sorted(results, key=lambda r: r["index"])
-
-
-def _jsonable(value: object) -> bool:
-    try:
-        json.dumps(value)
-    except TypeError:
-        return False
-    return True

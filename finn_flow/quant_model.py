@@ -496,23 +496,22 @@ def pathway_dims(backbone: nn.Module, grid: tuple[int, int]) -> PathwayDims:
 def load_backbone(qpath: QuantM3ViTPathway, backbone: nn.Module, task: str) -> None:
     """Copy the float backbone's weights for ``task`` into ``qpath``.
 
-    With ``qpath.spec.fold_norm_affine`` the blocks' LayerNorm affine parts are then
-    folded into their readers (:func:`fold_layernorm_affine`).
+    Each MoE layer's router for ``task`` comes from the router's public
+    ``task_gate_weight`` / ``task_logit_offset``; the mirror's router bias only ever
+    holds the folded LayerNorm bias, so a task whose router adds constant logits (the
+    task-conditioned router) is refused. With ``qpath.spec.fold_norm_affine`` the
+    blocks' LayerNorm affine parts are then folded into their readers
+    (:func:`fold_layernorm_affine`).
 
     Raises:
-        ValueError: the backbone's router is not per-task ('multi_gate') or 'shared', or
-            ``task`` is not one of its tasks.
+        ValueError: ``task`` is not one of the backbone's tasks, or its router has a
+            non-zero logit offset.
     """
     from mmseg_m3vit.models.backbones.m3vit import resize_pos_embed
 
-    variant = backbone.router_variant
-    if variant not in ("multi_gate", "shared"):
-        raise ValueError(
-            f"router variant {variant!r} is not supported by the FPGA flow yet "
-            "(supported: 'multi_gate', 'shared')"
-        )
-    if variant == "multi_gate" and task not in backbone.tasks:
+    if backbone.tasks and task not in backbone.tasks:
         raise ValueError(f"task {task!r} is not one of the backbone's tasks {backbone.tasks}")
+    task_index = backbone.tasks.index(task) if backbone.tasks else 0
     dims = qpath.dims
     conv = backbone.patch_embed.proj
     qpath.patch_embed.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
@@ -521,7 +520,7 @@ def load_backbone(qpath: QuantM3ViTPathway, backbone: nn.Module, task: str) -> N
     table = pos.clone()
     table[0] = backbone.cls_token[0, 0] + pos[0] - conv.bias
     qpath.token_table.copy_(table[None])
-    for fb, qb in zip(backbone.blocks, qpath.blocks):
+    for i, (fb, qb) in enumerate(zip(backbone.blocks, qpath.blocks)):
         for fn, qn in ((fb.norm1, qb.norm1), (fb.norm2, qb.norm2)):
             qn.weight.copy_(fn.weight)
             qn.bias.copy_(fn.bias)
@@ -530,10 +529,13 @@ def load_backbone(qpath: QuantM3ViTPathway, backbone: nn.Module, task: str) -> N
         )
         if fb.is_moe:
             moe = fb.moe
-            if variant == "multi_gate":
-                router_w = moe.router.weight[backbone.tasks.index(task)]
-            else:
-                router_w = moe.router.gate.weight.t()
+            if moe.router.task_logit_offset(task_index).abs().max() > 0:
+                raise ValueError(
+                    f"block {i}: the {backbone.router_variant!r} router adds constant logits "
+                    f"for task {task!r}; the FPGA mirror's router has no bias (supported: "
+                    "'multi_gate', 'shared')"
+                )
+            router_w = moe.router.task_gate_weight(task_index)
             qb.ffn.load_float(router_w, moe.w1, moe.b1, moe.w2, moe.b2)
         else:
             qb.ffn.fc1.weight.copy_(fb.mlp.fc1.weight)
@@ -656,6 +658,12 @@ class QuantPUPHead(nn.Module):
         )
         self.out_quant = _act(spec)
 
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """(H, W) of the output: the grid x 2^(num_up+1) x ``extra``."""
+        up = 2 ** (self.num_up + 1)
+        return (self.grid[0] * up * self.extra[0], self.grid[1] * up * self.extra[1])
+
     @torch.no_grad()
     def load_float(self, head: nn.Module) -> None:
         """Copy a float ``PUPHead``'s LayerNorm, conv, BN and conv_seg weights in."""
@@ -698,3 +706,40 @@ class QuantTaskModel(nn.Module):
     def forward(self, patches: Tensor) -> Tensor:
         """patches (1, T, C*p*p) -> (1, H, W, C)."""
         return self.head(self.pathway(patches))
+
+
+def build_quant_task_model(
+    backbone: nn.Module, head: nn.Module, task: str, spec: QuantSpec, size: tuple[int, int]
+) -> QuantTaskModel:
+    """The Brevitas mirror of ``task``'s pathway (float weights copied in, not calibrated).
+
+    Args:
+        backbone: the float ``M3ViT``; head: the task's float ``PUPHead``.
+        size: (H, W) of the FPGA input frame, multiples of the patch size.
+
+    The head ends with a nearest-neighbour resize to ``size`` when that is an integer
+    multiple of its native output (grid x 2^(num_up+1)); otherwise its output stays
+    native (the host resizes it; :attr:`QuantPUPHead.out_hw` says which).
+
+    Raises:
+        ValueError: ``size`` is not a multiple of the patch size, or the task is refused
+            by :func:`load_backbone`.
+    """
+    p = backbone.patch_size
+    if size[0] % p or size[1] % p:
+        raise ValueError(f"FPGA input size {tuple(size)} is not a multiple of the patch {p}")
+    grid = (size[0] // p, size[1] // p)
+    dims = pathway_dims(backbone, grid)
+    qpath = QuantM3ViTPathway(dims, spec)
+    load_backbone(qpath, backbone, task)
+    up = 2 ** (head.num_up + 1)
+    extra = (size[0] // (grid[0] * up), size[1] // (grid[1] * up))
+    if (extra[0] * grid[0] * up, extra[1] * grid[1] * up) != tuple(size):
+        extra = (1, 1)  # the head's native output; the host resizes it
+    conv_bias = head.convs[0].conv.bias is not None
+    qhead = QuantPUPHead(
+        grid, dims.dim, head.channels, head.num_up, head.num_classes, spec,
+        conv_bias=conv_bias, extra=extra,
+    )  # fmt: skip
+    qhead.load_float(head)
+    return QuantTaskModel(qpath, qhead)

@@ -5,7 +5,9 @@ Importing the package (directly or through a config's ``custom_imports``):
 
 1. checks the OpenMMLab versions (:mod:`mmseg_m3vit.version`);
 2. installs the pure-Python ``mmcv.ops`` fallback when mmcv's compiled ops are absent
-   and the ``weights_only=False`` loader for local checkpoints (:mod:`mmseg_m3vit.compat`);
+   and routes mmengine's checkpoint loading (local files and URLs) through the safe
+   loader, ``weights_only=True`` with the allow-list of our Runner's checkpoints
+   (:mod:`mmseg_m3vit.compat`);
 3. registers every model, data set, transform, metric and hook in mmseg's registries.
 """
 

@@ -26,7 +26,7 @@ label 255 (ignore), depth 0, normals all-zero vector.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -93,6 +93,63 @@ DATASET_TASKS: dict[str, dict[str, int]] = {
 }
 
 
+def dataset_tasks(dataset: str) -> dict[str, int]:
+    """Output channels per task of ``dataset`` (its tasks in the order of the table).
+
+    Raises:
+        KeyError: an unknown data set, listing the known ones.
+    """
+    try:
+        return DATASET_TASKS[dataset]
+    except KeyError:
+        raise KeyError(
+            f"unknown dataset {dataset!r}; the task table knows {sorted(DATASET_TASKS)}"
+        ) from None
+
+
+def resolve_tasks(
+    tasks: Sequence[str] | None,
+    dataset: str | None,
+    per_task: Mapping[str, object],
+    what: str = "per-task entries",
+) -> list[str]:
+    """The task list of a component configured by a per-task table ``per_task``.
+
+    ``tasks`` when given; else the tasks of ``per_task`` (in the order of ``dataset``'s
+    tasks in the task table, when given, leaving out the tasks ``dataset`` lacks). The
+    table may hold more tasks than are chosen (one table for several data sets); its
+    keys must be task names and every chosen task must have an entry.
+
+    Raises:
+        ValueError: an unknown, repeated or missing task, or one ``dataset`` lacks
+            (naming it and the valid ones).
+    """
+    entries = list(per_task)
+    check_tasks(entries, sorted(TASK_SPECS), what=what)
+    valid = entries
+    if dataset is not None:
+        valid = [t for t in dataset_tasks(dataset) if t in entries]
+    if tasks is None:
+        if not valid:
+            raise ValueError(
+                f"none of the tasks of dataset {dataset!r} {list(dataset_tasks(dataset))} "
+                f"has an entry in {what} {entries}"
+            )
+        return valid
+    tasks = check_tasks(tasks, sorted(TASK_SPECS))
+    if dataset is not None:
+        foreign = [t for t in tasks if t not in dataset_tasks(dataset)]
+        if foreign:
+            raise ValueError(
+                f"tasks {foreign} are not tasks of dataset {dataset!r}; its tasks are "
+                f"{list(dataset_tasks(dataset))}"
+            )
+    missing = [t for t in tasks if t not in entries]
+    if missing:
+        raise ValueError(f"tasks {missing} have no entry in {what} (it has {entries})")
+    return tasks
+
+
 def get_task(name: str) -> TaskSpec:
     """Return the :class:`TaskSpec` of ``name``; unknown names list the valid ones."""
     try:
@@ -101,18 +158,20 @@ def get_task(name: str) -> TaskSpec:
         raise KeyError(f"unknown task {name!r}; valid tasks are {sorted(TASK_SPECS)}") from None
 
 
-def check_tasks(tasks: Iterable[str], valid: Sequence[str], what: str = "tasks") -> list[str]:
+def check_tasks(
+    tasks: Iterable[str], valid: Sequence[str], what: str = "tasks", allow_empty: bool = False
+) -> list[str]:
     """Validate ``tasks`` against ``valid`` and return them as a list.
 
     Raises:
         ValueError: naming every unknown task and listing the valid ones; also when
-            ``tasks`` is empty or repeats a name.
+            ``tasks`` repeats a name, or is empty (unless ``allow_empty``).
     """
     tasks = list(tasks)
     unknown = [t for t in tasks if t not in valid]
     if unknown:
         raise ValueError(f"unknown {what} {unknown}; valid tasks are {list(valid)}")
-    if not tasks:
+    if not tasks and not allow_empty:
         raise ValueError(f"{what} is empty; choose from {list(valid)}")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"{what} {tasks} repeats a task")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmseg_m3vit.models.backbones import M3ViT, resize_pos_embed
+from mmseg_m3vit.models.backbones.pretrained import load_timm_checkpoint
 
 D, HEADS, LAYERS = 32, 4, 4
 
@@ -155,7 +156,7 @@ def test_loading_resizes_pos_embed_and_splits_experts(tmp_path) -> None:
     path = tmp_path / "vit.pth"
     torch.save(sd, path)
     model = _small(expert_hidden_dims=D, num_experts=6, pretrained=str(path))
-    report = model.load_pretrained(str(path))
+    report = load_timm_checkpoint(model, str(path))
     assert "head.weight" in report["unexpected"] and "norm.weight" in report["unexpected"]
     assert all("router" in k for k in report["missing"]), report["missing"]
     pe = model.pos_embed.detach()
@@ -181,7 +182,7 @@ def test_expert_init_random_keeps_experts(tmp_path) -> None:
     torch.save(_timm_state_dict(grid=3), path)
     model = _small(expert_init="random")
     before = model.blocks[1].moe.w1.detach().clone()
-    report = model.load_pretrained(str(path))
+    report = load_timm_checkpoint(model, str(path))
     assert torch.equal(model.blocks[1].moe.w1, before)
     assert "blocks.1.moe.w1" in report["missing"]
 
@@ -191,13 +192,13 @@ def test_load_errors(tmp_path) -> None:
     sd["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight"):
-        _small().load_pretrained(str(tmp_path / "bad.pth"))
+        load_timm_checkpoint(_small(), str(tmp_path / "bad.pth"))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        _small().load_pretrained(str(tmp_path / "missing.pth"))
+        load_timm_checkpoint(_small(), str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="multiple of expert_hidden_dims"):
         good = _timm_state_dict(grid=3)
         torch.save(good, tmp_path / "good.pth")
-        _small(expert_hidden_dims=24).load_pretrained(str(tmp_path / "good.pth"))
+        load_timm_checkpoint(_small(expert_hidden_dims=24), str(tmp_path / "good.pth"))
 
 
 @pytest.mark.parametrize("router", ["multi_gate", "task_conditioned", "shared"])

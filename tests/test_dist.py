@@ -55,16 +55,10 @@ def write_config(path: str, data_root: str, batch_size: int, norm: str = "GN") -
     ]
     gn = {norm_cfg}
     model = dict(
+        tasks=tasks,
         backbone=dict(img_size=(32, 48), embed_dims=32, num_heads=2, num_experts=4,
                       top_k=2, expert_hidden_dims=16),
-        decode_heads=dict(
-            _delete_=True,
-            semseg=dict(type='PUPHead', num_classes=40, channels=8, norm_cfg=gn,
-                        loss_decode=dict(type='PixelCrossEntropyLoss')),
-            edge=dict(type='PUPHead', num_classes=1, channels=8, norm_cfg=gn,
-                      loss_decode=dict(type='BalancedBCELoss', pos_weight=0.95)),
-        ),
-        loss_weights=dict(_delete_=True, semseg=1.0, edge=50.0),
+        head_template=dict(channels=8, norm_cfg=gn),
         moe_balance_weight=0.0,
     )
     train_dataloader = dict(

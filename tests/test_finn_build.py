@@ -17,7 +17,7 @@ import pytest
 pytestmark = [pytest.mark.finn, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-FPGA_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t-moe16-top2-mg_fpga_nyud-64x80.py"
+FPGA_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
 NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
 
 TINY = f"""
@@ -237,3 +237,50 @@ def test_unwritable_out_fails_clearly(tiny_config: Path, tmp_path: Path, capsys)
         capsys,
         "is not writable",
     )
+
+
+class _TouchOnLoad:
+    """Unpickling this object creates the file ``path`` (a stand-in for harmful code)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_harmful_checkpoint_is_refused(tiny_config: Path, tmp_path: Path) -> None:
+    """A checkpoint whose unpickling would run code is refused before it runs."""
+    import torch
+
+    from finn_flow import build
+
+    marker = tmp_path / "code_ran"
+    ckpt = tmp_path / "harmful.pth"
+    torch.save({"state_dict": {}, "meta": {"payload": _TouchOnLoad(marker)}}, ckpt)
+    out = tmp_path / "o"
+    args = ["--task", "depth", "--config", str(tiny_config), "--checkpoint", str(ckpt)]
+    assert build.main([*args, "--out", str(out)]) == 1
+    assert not marker.exists()
+    assert not (out / "COMPLETE").exists()
+    error = json.loads((out / "summary.json").read_text())["error"]
+    assert str(ckpt) in error and "--trust-checkpoint" in error, error
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_config: Path, tmp_path: Path) -> None:
+    """Strict loading: a missing tensor is named, nothing is built from random weights."""
+    import torch
+    from mmengine.config import Config
+
+    from finn_flow import build
+    from finn_flow.float_model import build_float_pathway
+
+    state = build_float_pathway(Config.fromfile(tiny_config), "depth", None, 0).model.state_dict()
+    del state["backbone.blocks.0.moe.b2"]
+    ckpt = tmp_path / "partial.pth"
+    torch.save({"state_dict": state}, ckpt)
+    out = tmp_path / "o"
+    args = ["--task", "depth", "--config", str(tiny_config), "--checkpoint", str(ckpt)]
+    assert build.main([*args, "--out", str(out)]) == 1
+    error = json.loads((out / "summary.json").read_text())["error"]
+    assert "lacks keys" in error and "backbone.blocks.0.moe.b2" in error, error

@@ -29,7 +29,7 @@ from PIL import Image
 from finn_flow.evaluate import ValDataError, evaluate_val_metric
 
 REPO = Path(__file__).resolve().parents[1]
-FPGA_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t-moe16-top2-mg_fpga_nyud-64x80.py"
+FPGA_CONFIG = REPO / "configs" / "fpga" / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
 H, W = 12, 20  # image size; the data preprocessor pads to 16 x 32 (size_divisor 16)
 PAD = (16, 32)
 TRAIN, VAL = ["t0"], ["v0", "v1", "v2"]
@@ -209,7 +209,7 @@ def test_equals_segmentor_predict_and_val_evaluator(cfg: Config) -> None:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
     dataset = DATASETS.build(dict(cfg.val_dataloader.dataset))
-    evaluator = Evaluator(list(cfg.val_evaluator))
+    evaluator = Evaluator(cfg.val_evaluator)
     evaluator.dataset_meta = dataset.metainfo
     with torch.no_grad():
         for i in range(len(dataset)):
@@ -246,7 +246,7 @@ def test_missing_metric_is_named(cfg: Config) -> None:
 
 
 def test_summary_shows_the_val_metric(tmp_path: Path) -> None:
-    from finn_flow.build import write_summary
+    from finn_flow.report import write_summary
 
     val = {
         "metric": "NormalsAngleMetric",

@@ -109,9 +109,8 @@ def test_piecewise_build_equals_whole_graph_build(tmp_path: Path) -> None:
 
     base = Path(__file__).resolve().parents[1] / "configs" / "fpga"
     cfg = tmp_path / "one_block.py"
-    cfg.write_text(
-        ONE_BLOCK.format(base=str(base / "m3vit_vit-t-moe16-top2-mg_fpga_nyud-64x80.py"))
-    )
+    base_cfg = base / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
+    cfg.write_text(ONE_BLOCK.format(base=str(base_cfg)))
     common = ["--task", "normals", "--config", str(cfg)]
     assert build.main(common + ["--out", str(tmp_path / "whole"), "--jobs", "0"]) == 0
     assert build.main(common + ["--out", str(tmp_path / "split"), "--piece-nodes", "20"]) == 0

@@ -368,8 +368,8 @@ def test_delta_m_reproduces_published_numbers():
 def test_delta_metric_through_evaluator():
     depth = (np.array([[2.0, 2.0]]), np.array([[1.0, 2.0]]))  # RMSE sqrt(1/2)
     metric = MultiTaskDeltaMetric(
-        metrics=dict(
-            semseg=dict(type="MultiTaskIoUMetric", task="semseg", num_classes=3),
+        task_metrics=dict(
+            semseg=dict(type="MultiTaskIoUMetric", num_classes=3),
             depth=dict(type="DepthErrorMetric"),
         ),
         dataset="nyud",
@@ -388,14 +388,14 @@ def test_delta_metric_through_evaluator():
     assert res["multitask/delta_m"] == pytest.approx(
         (res["multitask/delta_semseg"] + res["multitask/delta_depth"]) / 2
     )
-    assert metric.metrics["semseg"].dataset_meta == dict(classes=("a", "b", "c"))
+    assert metric.task_metrics["semseg"].dataset_meta == dict(classes=("a", "b", "c"))
 
 
 def test_delta_metric_built_by_name_in_mmseg_scope():
     cfg = dict(
         type="MultiTaskDeltaMetric",
         dataset="pascal",
-        metrics=dict(sal=dict(type="SaliencyMetric", iou_thresholds=[0.5])),
+        task_metrics=dict(sal=dict(type="SaliencyMetric", iou_thresholds=[0.5])),
     )
     with DefaultScope.overwrite_default_scope("mmseg"):
         evaluator = Evaluator(cfg)
@@ -408,10 +408,41 @@ def test_delta_metric_built_by_name_in_mmseg_scope():
 
 def test_delta_metric_config_errors():
     edge = dict(edge=dict(type="EdgeODSMetric"))
+    with pytest.raises(ValueError, match=r"none of the tasks \['edge'\] has a single-task"):
+        MultiTaskDeltaMetric(task_metrics=edge, dataset="nyud")
     with pytest.raises(ValueError, match=r"no single-task reference for \['edge'\]"):
-        MultiTaskDeltaMetric(metrics=edge, dataset="nyud")
-    assert MultiTaskDeltaMetric(metrics=edge, dataset="nyud", stl_reference={"edge": 70.0})
-    with pytest.raises(ValueError, match="expected 'depth'"):
-        MultiTaskDeltaMetric(metrics=dict(depth=dict(type="EdgeODSMetric")), dataset="pascal")
+        MultiTaskDeltaMetric(task_metrics=edge, dataset="nyud", delta_tasks=["edge"])
+    assert MultiTaskDeltaMetric(task_metrics=edge, dataset="nyud", stl_reference={"edge": 70.0})
+    with pytest.raises(ValueError, match=r"EdgeODSMetric evaluates tasks \['edge'\]"):
+        MultiTaskDeltaMetric(task_metrics=dict(depth=dict(type="EdgeODSMetric")), dataset="nyud")
+    with pytest.raises(ValueError, match=r"none of the tasks of dataset 'pascal'"):
+        MultiTaskDeltaMetric(
+            task_metrics=dict(depth=dict(type="DepthErrorMetric")), dataset="pascal"
+        )
+    with pytest.raises(ValueError, match=r"task_metrics\['depth'\] has task='edge'"):
+        MultiTaskDeltaMetric(task_metrics=dict(depth=dict(type="EdgeODSMetric", task="edge")))
     with pytest.raises(ValueError, match="unknown dataset"):
-        MultiTaskDeltaMetric(metrics=edge, dataset="cityscapes")
+        MultiTaskDeltaMetric(task_metrics=edge, dataset="cityscapes")
+    with pytest.raises(ValueError, match=r"tasks \['normals'\] have no entry in task_metrics"):
+        MultiTaskDeltaMetric(task_metrics=edge, dataset="nyud", tasks=["normals"])
+
+
+def test_delta_metric_task_list_selects_entries():
+    """``tasks`` picks entries of a larger table; the default delta tasks are those with a
+    reference; class counts come from the data set's task channels."""
+    table = dict(
+        semseg=dict(type="MultiTaskIoUMetric"),
+        depth=dict(type="DepthErrorMetric"),
+        edge=dict(type="EdgeODSMetric"),
+    )
+    metric = MultiTaskDeltaMetric(task_metrics=table, dataset="nyud", tasks=["edge", "semseg"])
+    assert list(metric.task_metrics) == ["edge", "semseg"]
+    assert metric.delta_tasks == ["semseg"]  # no NYUD edge reference
+    with pytest.raises(ValueError, match="num_classes is not set"):
+        metric.task_metrics["semseg"].num_classes  # noqa: B018
+    metric.dataset_meta = dict(task_channels={"semseg": 40, "edge": 1})
+    assert metric.task_metrics["semseg"].num_classes == 40
+    # no dataset: every entry, in table order
+    bare = MultiTaskDeltaMetric(task_metrics=table, stl_reference=dict(depth=1.0))
+    assert list(bare.task_metrics) == ["semseg", "depth", "edge"]
+    assert bare.delta_tasks == ["depth"]

@@ -242,10 +242,10 @@ def test_config_errors() -> None:
     cfg = nyud_cfg()
     bad = copy.deepcopy(cfg)
     bad["backbone"]["tasks"] = ["semseg", "depth", "normals", "edge", "sal"]
-    with pytest.raises(ValueError, match=r"tasks without a head \['sal'\]"):
+    with pytest.raises(ValueError, match=r"backbone tasks .* differ from the segmentor's"):
         MODELS.build(bad)
-    with pytest.raises(ValueError, match=r"unknown loss_weights \['parts'\]"):
-        MODELS.build(nyud_cfg(loss_weights=dict(parts=2.0)))
+    with pytest.raises(ValueError, match=r"unknown loss_weights \['segsem'\]"):
+        MODELS.build(nyud_cfg(loss_weights=dict(segsem=2.0)))
     with pytest.raises(ValueError, match=r"unknown infer_tasks \['sal'\]"):
         MODELS.build(nyud_cfg(infer_tasks=["sal"]))
     bad = copy.deepcopy(cfg)
@@ -254,6 +254,39 @@ def test_config_errors() -> None:
         MODELS.build(bad)
     with pytest.raises(ValueError, match="decode_heads is empty"):
         MODELS.build(nyud_cfg(decode_heads={}))
+    with pytest.raises(ValueError, match=r"tasks \['sal'\] are not tasks of dataset 'nyud'"):
+        MODELS.build(nyud_cfg(dataset="nyud", tasks=["semseg", "sal"]))
+    with pytest.raises(ValueError, match=r"tasks \['parts'\] have no entry in decode_heads"):
+        MODELS.build(nyud_cfg(dataset="pascal", tasks=["semseg", "parts"]))
+
+
+def test_head_template_task_table_and_class_counts() -> None:
+    """One template for every head, a per-task table holding more tasks than are built,
+    class counts from the task table of the data set, weights of unbuilt tasks ignored."""
+    table = {task: dict(loss_decode=loss) for task, loss in NYUD_LOSSES.items()}
+    table["parts"] = dict(loss_decode=dict(type="PixelCrossEntropyLoss"))
+    template = dict(type="PUPHead", channels=8, num_up=2)
+    weights = dict(semseg=1.0, parts=2.0, depth=3.0, normals=10.0, edge=50.0)
+    model = build(
+        decode_heads=table, head_template=template, dataset="pascal", loss_weights=weights
+    )
+    assert model.tasks == ["semseg", "parts", "normals", "edge"]  # PASCAL order; no sal entry
+    assert {t: h.num_classes for t, h in model.heads.items()} == dict(
+        semseg=21, parts=7, normals=3, edge=1
+    )
+    assert all(h.channels == 8 and h.num_up == 2 for h in model.heads.values())
+    assert model.loss_weights == dict(semseg=1.0, parts=2.0, normals=10.0, edge=50.0)
+    two = build(
+        decode_heads=table, head_template=template, dataset="nyud", tasks=["depth", "semseg"]
+    )
+    assert two.tasks == two.backbone.tasks == ["depth", "semseg"]
+    assert two.heads["semseg"].num_classes == 40
+    # a task's own entry wins over the template
+    table["depth"] = dict(table["depth"], channels=4)
+    assert (
+        build(decode_heads=table, head_template=template, dataset="nyud").heads["depth"].channels
+        == 4
+    )
 
 
 def test_tam_is_training_only_and_off_by_default() -> None:

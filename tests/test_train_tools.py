@@ -27,6 +27,7 @@ from mmengine.runner import Runner
 from mmseg.registry import HOOKS, MODELS
 
 import mmseg_m3vit  # noqa: F401  (registers the plugin)
+from mmseg_m3vit.compat import load_checkpoint_file
 from mmseg_m3vit.engine import NonFiniteLossError
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -49,76 +50,14 @@ NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
 MAX_ITERS = 6
 
 
-def tiny_config(path: str, data_root: str, extra: str = "") -> str:
-    """Write a tiny config inheriting the synthetic one; returns its path."""
-    base = osp.join(ROOT, "configs", "m3vit_synthetic.py")
-    text = f"""
-    _base_ = [{base!r}]
-    data_root = {data_root!r}
-    pipeline = [
-        dict(type='LoadImageFromFile'),
-        dict(type='LoadMultiTaskAnnotations'),
-        dict(type='MultiTaskRandomFlip', prob=0.5, direction='horizontal'),
-        dict(type='PackMultiTaskInputs'),
-    ]
-    test_pipeline = [
-        dict(type='LoadImageFromFile'),
-        dict(type='LoadMultiTaskAnnotations'),
-        dict(type='PackMultiTaskInputs'),
-    ]
-    model = dict(
-        backbone=dict(img_size=(32, 48), embed_dims=32, num_heads=2, num_experts=4,
-                      top_k=2, expert_hidden_dims=16),
-        decode_heads=dict(semseg=dict(channels=8), depth=dict(channels=8),
-                          normals=dict(channels=8), edge=dict(channels=8)),
-    )
-    train_dataloader = dict(batch_size=2,
-                            dataset=dict(data_root=data_root, pipeline=pipeline))
-    val_dataloader = dict(batch_size=2,
-                          dataset=dict(data_root=data_root, pipeline=test_pipeline))
-    test_dataloader = dict(batch_size=2,
-                           dataset=dict(data_root=data_root, pipeline=test_pipeline))
-    val_evaluator = [
-        dict(
-            type='MultiTaskDeltaMetric',
-            dataset='nyud',
-            delta_tasks=['semseg', 'depth', 'normals'],
-            metrics=dict(
-                semseg=dict(type='MultiTaskIoUMetric', task='semseg', num_classes=40),
-                depth=dict(type='DepthErrorMetric'),
-                normals=dict(type='NormalsAngleMetric'),
-                edge=dict(type='EdgeODSMetric', num_thresholds=5),
-            ),
-        )
-    ]
-    test_evaluator = val_evaluator
-    param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0,
-                            end={MAX_ITERS}, by_epoch=False)]
-    train_cfg = dict(max_iters={MAX_ITERS}, val_interval=100)
-    default_hooks = dict(
-        logger=dict(interval=1),
-        checkpoint=dict(interval=2, max_keep_ckpts=-1, save_best=None, save_last=True),
-    )
-    randomness = dict(seed=0, deterministic=False)
-    """
-    with open(path, "w") as f:
-        f.write(textwrap.dedent(text) + textwrap.dedent(extra))
-    return path
+@pytest.fixture(scope="module")
+def data_root(tiny_nyud_root: str) -> str:
+    return tiny_nyud_root
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """12 train + 4 val synthetic images of 32x48."""
-    from mmseg_m3vit.datasets.synthetic_nyud import generate
-
-    root = str(tmp_path_factory.mktemp("data") / "synthetic_nyud")
-    generate(root, 12, 4, size=(32, 48), workers=1, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory, data_root: str) -> str:
-    return tiny_config(str(tmp_path_factory.mktemp("cfg") / "tiny.py"), data_root)
+def config(tmp_path_factory: pytest.TempPathFactory, data_root: str, write_tiny_config) -> str:
+    return write_tiny_config(str(tmp_path_factory.mktemp("cfg") / "tiny.py"), data_root)
 
 
 def run_train(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -143,7 +82,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, config: str) -> str:
 
 
 def load_state(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return load_checkpoint_file(path)["state_dict"]  # the safe loader reads our own files
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path: str, config: str, trained: str) -> None:

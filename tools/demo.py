@@ -190,6 +190,7 @@ def evaluate_trivial(cfg: Config, stats: Mapping[str, Any]) -> dict[str, float]:
     loader_cfg.update(num_workers=0, persistent_workers=False)
     loader = Runner.build_dataloader(loader_cfg)
     evaluator = Evaluator(cfg.test_evaluator)
+    evaluator.dataset_meta = loader.dataset.metainfo  # as mmengine's test loop does
     for batch in loader:
         samples = batch["data_samples"]
         for sample in samples:

@@ -4,6 +4,11 @@ Usage::
 
     python tools/test.py CONFIG CHECKPOINT [--task T ...] [--show-dir DIR] [--out FILE.pkl]
         [--work-dir DIR] [--cfg-options key=value ...] [--launcher none|pytorch|...]
+        [--trust-checkpoint]
+
+The checkpoint is loaded strictly (:func:`mmseg_m3vit.compat.load_model_checkpoint`):
+missing, unexpected or mis-shaped keys fail, naming the first few; task routers map by
+task name; the file is unpickled safely unless ``--trust-checkpoint``.
 
 ``--task semseg depth`` evaluates only those tasks through the single-task pathway
 (``head_t(backbone(x, task=t))``: only task t's routers and head run); the metrics of the
@@ -22,6 +27,7 @@ from mmengine.runner import Runner
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmseg_m3vit  # noqa: E402, F401  (registers the plugin before the config is read)
+from mmseg_m3vit.compat import load_model_checkpoint, trusted_checkpoints  # noqa: E402
 from mmseg_m3vit.engine import (  # noqa: E402
     check_config_tasks,
     check_data_roots,
@@ -67,7 +73,7 @@ def build_config(args: argparse.Namespace) -> Config:
     check_config_tasks(cfg)
     if args.task:
         cfg = restrict_to_tasks(cfg, args.task)
-    cfg.load_from = args.checkpoint
+    cfg.load_from = None  # loaded strictly by main(), not by the runner's lenient loader
     cfg.resume = False
     if args.amp:
         cfg.test_cfg = dict(type="AmpTestLoop", dtype="bfloat16")
@@ -86,7 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = build_config(args)
     init_cpu_distributed(args.launcher, dist_backend(cfg))
-    runner = Runner.from_cfg(cfg)
+    with trusted_checkpoints(args.trust_checkpoint):
+        runner = Runner.from_cfg(cfg)
+        load_model_checkpoint(runner.model, args.checkpoint)
+    runner.logger.info(f"Loaded checkpoint {args.checkpoint}")
     if args.out is not None:
         from mmengine.evaluator import DumpResults
 

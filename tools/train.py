@@ -4,6 +4,9 @@ Usage::
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
         [--cfg-options key=value ...] [--launcher none|pytorch|slurm|mpi]
+        [--trust-checkpoint]
+
+Checkpoints (resumed, pretrained) are unpickled safely unless ``--trust-checkpoint``.
 
 Multi-GPU (or multi-process CPU): ``bash tools/dist_train.sh CONFIG NPROC``.
 """
@@ -20,6 +23,7 @@ from mmengine.runner import Runner
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmseg_m3vit  # noqa: E402, F401  (registers the plugin before the config is read)
+from mmseg_m3vit.compat import trusted_checkpoints  # noqa: E402
 from mmseg_m3vit.engine import (  # noqa: E402
     check_config_tasks,
     check_data_roots,
@@ -84,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = build_config(args)
     init_cpu_distributed(args.launcher, dist_backend(cfg))
-    runner = Runner.from_cfg(cfg)
-    runner.train()
+    with trusted_checkpoints(args.trust_checkpoint):
+        runner = Runner.from_cfg(cfg)
+        runner.train()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from .preflight import (
     check_data_roots,
     check_pretrained,
     config_tasks,
+    resolve_data_root,
     restrict_to_tasks,
 )
 from .visualization import (
@@ -31,5 +32,6 @@ __all__ = [
     "format_metric_table",
     "init_cpu_distributed",
     "prediction_panel",
+    "resolve_data_root",
     "restrict_to_tasks",
 ]

@@ -9,8 +9,19 @@ import os.path as osp
 from mmengine.config import Config, DictAction
 
 
+def add_trust_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--trust-checkpoint``: unpickle checkpoints without the safe allow-list."""
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoints with unrestricted unpickling (it can run code stored in "
+        "the file: only for files you trust); same as M3VIT_TRUST_CHECKPOINT=1",
+    )
+
+
 def add_runner_args(parser: argparse.ArgumentParser, cfg_options_example: str) -> None:
-    """Add mmseg's common flags: ``--work-dir --cfg-options --launcher --local_rank``."""
+    """Add mmseg's common flags ``--work-dir --cfg-options --launcher --local_rank`` and
+    ``--trust-checkpoint``."""
     parser.add_argument("--work-dir", help="directory for logs (and checkpoints when training)")
     parser.add_argument(
         "--cfg-options",
@@ -20,6 +31,7 @@ def add_runner_args(parser: argparse.ArgumentParser, cfg_options_example: str) -
     )
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    add_trust_arg(parser)
 
 
 def parse_runner_args(

@@ -5,6 +5,7 @@ Usage::
 
     python tools/analysis_tools/routing.py CONFIG CHECKPOINT [--task T ...]
         [--split val|test] [--max-images N] [--out routing.png] [--cfg-options ...]
+        [--trust-checkpoint]
 
 Works for any data set config (NYUD, PASCAL, synthetic); ``--task`` restricts the tasks.
 """
@@ -17,12 +18,14 @@ import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import init_default_scope
-from mmengine.runner import Runner, load_checkpoint
+from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import mmseg_m3vit  # noqa: E402, F401
+from mmseg_m3vit.compat import load_model_checkpoint, trusted_checkpoints  # noqa: E402
 from mmseg_m3vit.engine import check_config_tasks, check_data_roots, config_tasks  # noqa: E402
+from mmseg_m3vit.engine.cli import add_trust_arg  # noqa: E402
 from mmseg_m3vit.engine.routing import (  # noqa: E402
     collect_routing,
     plot_routing,
@@ -43,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=50, help="images to route (0: all)")
     parser.add_argument("--out", default=None, help="PNG path (default: next to the ckpt)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction)
+    add_trust_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     from mmseg.registry import MODELS
 
     model = MODELS.build(cfg.model)
-    load_checkpoint(model, args.checkpoint, map_location="cpu")
+    with trusted_checkpoints(args.trust_checkpoint):
+        load_model_checkpoint(model, args.checkpoint)
     loader_cfg = cfg[loader_key].copy()
     loader_cfg.update(batch_size=1, num_workers=0, persistent_workers=False)
     loader = Runner.build_dataloader(loader_cfg)

@@ -14,7 +14,7 @@ Output keys (the prefix defaults to the task name; configs use them for ``save_b
   ``multitask/delta_m`` and ``multitask/delta_<task>`` (percent).
 """
 
-from .delta_metric import STL_REFERENCES, MultiTaskDeltaMetric, delta_m
+from .delta_metric import STL_REFERENCES, MultiTaskDeltaMetric, delta_m, task_metric_configs
 from .depth_metric import DepthErrorMetric
 from .edge_metric import EdgeODSMetric
 from .iou_metric import MultiTaskIoUMetric
@@ -30,4 +30,5 @@ __all__ = [
     "NormalsAngleMetric",
     "SaliencyMetric",
     "delta_m",
+    "task_metric_configs",
 ]

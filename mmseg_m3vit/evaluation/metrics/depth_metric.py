@@ -57,17 +57,23 @@ class DepthErrorMetric(BaseMetric):
     sum_i n_valid_i)``, not the mean of per-image RMSEs. Per image only five sums are kept.
 
     Args:
+        task: the task scored (only ``'depth'``; the argument lets every task metric be
+            configured alike).
         min_depth: lower clamp (metres) of the prediction in the log and ratio terms.
         collect_device / prefix: as :class:`mmengine.evaluator.BaseMetric`; ``prefix``
-            defaults to ``'depth'``.
+            defaults to the task.
     """
 
     def __init__(
-        self, min_depth: float = 1e-3, collect_device: str = "cpu", prefix: str | None = None
+        self,
+        task: str = "depth",
+        min_depth: float = 1e-3,
+        collect_device: str = "cpu",
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix or "depth")
-        self.spec = task_spec("depth", ("depth",), type(self).__name__)
-        self.task = "depth"
+        super().__init__(collect_device=collect_device, prefix=prefix or task)
+        self.spec = task_spec(task, ("depth",), type(self).__name__)
+        self.task = task
         if min_depth <= 0:
             raise ValueError(f"min_depth must be > 0 metres, got {min_depth}")
         self.min_depth = min_depth

@@ -200,25 +200,28 @@ class EdgeODSMetric(BaseMetric):
     5105 PASCAL val images: use fewer thresholds (e.g. 19) for validation during training.
 
     Args:
+        task: the task scored (only ``'edge'``; the argument lets every task metric be
+            configured alike).
         num_thresholds: number K of thresholds (BSDS / SEISM use 99).
         max_dist: match tolerance as a fraction of the image diagonal (0.0075 as in the
             MTL literature for PASCAL-Context; 0.011 is the BSDS default).
         ignore_index: GT value of ignored pixels.
         collect_device / prefix: as :class:`mmengine.evaluator.BaseMetric`; ``prefix``
-            defaults to ``'edge'``.
+            defaults to the task.
     """
 
     def __init__(
         self,
+        task: str = "edge",
         num_thresholds: int = 99,
         max_dist: float = 0.0075,
         ignore_index: int = 255,
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix or "edge")
-        self.spec = task_spec("edge", ("edge",), type(self).__name__)
-        self.task = "edge"
+        super().__init__(collect_device=collect_device, prefix=prefix or task)
+        self.spec = task_spec(task, ("edge",), type(self).__name__)
+        self.task = task
         if num_thresholds < 1:
             raise ValueError(f"num_thresholds must be >= 1, got {num_thresholds}")
         if max_dist < 0:

@@ -66,7 +66,8 @@ class MultiTaskIoUMetric(BaseMetric):
 
     Args:
         task: ``'semseg'`` or ``'parts'``; selects the data-sample fields via the task table.
-        num_classes: number of classes C.
+        num_classes: number of classes C; default the data set's, from
+            ``dataset_meta['task_channels'][task]`` (set by the runner from the data set).
         ignore_index: GT label of ignored pixels.
         class_names: names for the per-class table; defaults to ``dataset_meta['classes']``
             for semseg when its length is C, else class indices.
@@ -77,7 +78,7 @@ class MultiTaskIoUMetric(BaseMetric):
     def __init__(
         self,
         task: str,
-        num_classes: int,
+        num_classes: int | None = None,
         ignore_index: int = 255,
         class_names: Sequence[str] | None = None,
         collect_device: str = "cpu",
@@ -86,15 +87,29 @@ class MultiTaskIoUMetric(BaseMetric):
         super().__init__(collect_device=collect_device, prefix=prefix or task)
         self.spec = task_spec(task, ("semseg", "parts"), type(self).__name__)
         self.task = task
-        if num_classes < 1:
+        if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(
                 f"class_names has {len(class_names)} entries, num_classes is {num_classes}"
             )
-        self.num_classes = num_classes
+        self._num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names is not None else None
+
+    @property
+    def num_classes(self) -> int:
+        """C: the configured number of classes, else the data set's."""
+        if self._num_classes is not None:
+            return self._num_classes
+        channels = (self.dataset_meta or {}).get("task_channels", {})
+        if self.task not in channels:
+            raise ValueError(
+                f"{type(self).__name__}(task={self.task!r}): num_classes is not set and "
+                f"dataset_meta has no task_channels[{self.task!r}]; give num_classes or "
+                f"evaluate on a multi-task data set that has the task"
+            )
+        return int(channels[self.task])
 
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
         """Store the (4, C) count array of every sample."""

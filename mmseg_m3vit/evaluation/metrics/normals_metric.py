@@ -64,17 +64,23 @@ class NormalsAngleMetric(BaseMetric):
     the 5105 PASCAL val images; 0.01 degree bins would need 72 kB per image).
 
     Args:
+        task: the task scored (only ``'normals'``; the argument lets every task metric be
+            configured alike).
         bin_deg: width of the median histogram's bins in degrees; must divide 180.
         collect_device / prefix: as :class:`mmengine.evaluator.BaseMetric`; ``prefix``
-            defaults to ``'normals'``.
+            defaults to the task.
     """
 
     def __init__(
-        self, bin_deg: float = 0.1, collect_device: str = "cpu", prefix: str | None = None
+        self,
+        task: str = "normals",
+        bin_deg: float = 0.1,
+        collect_device: str = "cpu",
+        prefix: str | None = None,
     ) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix or "normals")
-        self.spec = task_spec("normals", ("normals",), type(self).__name__)
-        self.task = "normals"
+        super().__init__(collect_device=collect_device, prefix=prefix or task)
+        self.spec = task_spec(task, ("normals",), type(self).__name__)
+        self.task = task
         num_bins = round(180.0 / bin_deg) if bin_deg > 0 else 0
         if num_bins < 1 or abs(num_bins * bin_deg - 180.0) > 1e-6:
             raise ValueError(f"bin_deg must be > 0 and divide 180 degrees, got {bin_deg}")

@@ -66,16 +66,19 @@ class SaliencyMetric(BaseMetric):
     Per image it keeps 3 x (len(iou_thresholds) + len(f_thresholds)) integers.
 
     Args:
+        task: the task scored (only ``'sal'``; the argument lets every task metric be
+            configured alike).
         iou_thresholds: thresholds for maxIoU.
         f_thresholds: thresholds for maxF.
         beta2: beta squared of the F-measure.
         ignore_index: GT value of ignored pixels.
         collect_device / prefix: as :class:`mmengine.evaluator.BaseMetric`; ``prefix``
-            defaults to ``'sal'``.
+            defaults to the task.
     """
 
     def __init__(
         self,
+        task: str = "sal",
         iou_thresholds: Sequence[float] | None = None,
         f_thresholds: Sequence[float] | None = None,
         beta2: float = 0.3,
@@ -83,9 +86,9 @@ class SaliencyMetric(BaseMetric):
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix or "sal")
-        self.spec = task_spec("sal", ("sal",), type(self).__name__)
-        self.task = "sal"
+        super().__init__(collect_device=collect_device, prefix=prefix or task)
+        self.spec = task_spec(task, ("sal",), type(self).__name__)
+        self.task = task
         if iou_thresholds is None:
             iou_thresholds = np.linspace(0.2, 0.9, 15)
         if f_thresholds is None:

@@ -3,24 +3,25 @@
 Parameter names follow the timm ViT layout (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``) so dense
 weights load by name; MoE blocks hold ``blocks.N.moe.{w1,b1,w2,b2,router.*}`` instead of
-``mlp``. No final LayerNorm (each task head has its own).
+``mlp``. No final LayerNorm (each task head has its own). The task names are saved with
+the weights (``_extra_state``) and routers load by task name (:mod:`..task_order`);
+ImageNet initialisation lives in :mod:`.pretrained`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..moe import ROUTER_VARIANTS, MoEFFN, MoERouting
 from ..moe.dispatch import get_dispatch
+from ..task_order import TaskNamesMixin, attach_task_names
 
 EXPERT_INIT_MODES = ("split", "random")
 
@@ -148,7 +149,7 @@ def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
 
 
 @MODELS.register_module()
-class M3ViT(BaseModule):
+class M3ViT(TaskNamesMixin, BaseModule):
     """Vision Transformer with task-routed MoE feed-forward layers.
 
     Args:
@@ -170,8 +171,9 @@ class M3ViT(BaseModule):
         dispatch: MoE dispatch implementation ('auto', 'sorted', or a registered one).
         norm_eps: LayerNorm eps.
         pretrained: path of a local timm-layout ViT/DeiT state dict loaded by
-            :meth:`init_weights` (``init_cfg=dict(type='Pretrained', checkpoint=...)``
-            is accepted as a synonym). Nothing is ever downloaded.
+            :meth:`init_weights` (:func:`.pretrained.load_timm_checkpoint`;
+            ``init_cfg=dict(type='Pretrained', checkpoint=...)`` is accepted as a
+            synonym). Nothing is ever downloaded.
         expert_init: how experts are initialised from the pretrained dense MLP:
             'split': the dense hidden units (mlp_ratio*D, e.g. 1536) are cut into
             G = dense_hidden / Hd contiguous groups (4 groups of 384); expert e takes
@@ -266,6 +268,7 @@ class M3ViT(BaseModule):
             blocks.append(Block(embed_dims, num_heads, mlp_hidden, norm_eps, moe))
         self.blocks = nn.ModuleList(blocks)
         self._reset_dense_parameters()
+        attach_task_names(self)
 
     # ------------------------------------------------------------------ init / loading
     def _reset_dense_parameters(self) -> None:
@@ -285,104 +288,25 @@ class M3ViT(BaseModule):
                 nn.init.zeros_(m.b2)
 
     def init_weights(self) -> None:
-        """Load ``pretrained`` (if set) on top of the random init done at construction."""
+        """Load ``pretrained`` (if set) on top of the random init done at construction
+        (:func:`~.pretrained.load_timm_checkpoint`)."""
         if self.pretrained:
-            self.load_pretrained(self.pretrained)
+            from .pretrained import load_timm_checkpoint
+
+            load_timm_checkpoint(self, self.pretrained)
         elif self.init_cfg is not None:
             super().init_weights()
 
-    def load_pretrained(self, path: str) -> dict[str, list[str]]:
-        """Load a local timm-layout ViT/DeiT checkpoint file (see :meth:`load_timm_state_dict`)."""
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"pretrained checkpoint {path!r} does not exist") from None
-        for key in ("model", "state_dict"):
-            if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
-                ckpt = ckpt[key]
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"{path!r} does not hold a state dict (got {type(ckpt).__name__})")
-        report = self.load_timm_state_dict(ckpt)
-        print_log(
-            f"M3ViT: loaded {path} (expert_init={self.expert_init}); "
-            f"not in checkpoint: {len(report['missing'])} tensors (routers"
-            f"{', experts' if self.expert_init == 'random' else ''}), "
-            f"ignored: {report['unexpected']}",
-            logger="current",
-        )
-        return report
-
-    @torch.no_grad()
-    def load_timm_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, list[str]]:
-        """Copy timm ViT weights in; returns ``{'missing': [...], 'unexpected': [...]}``.
-
-        ``pos_embed`` is resized bilinearly from its (square) grid to ``img_size``'s grid,
-        CLS kept apart (a distillation token, if any, is dropped). Dense blocks copy
-        ``mlp.fc1/fc2``; MoE blocks build their experts from them per ``expert_init``.
-        Head / final-norm weights are ignored. Shape mismatches raise ``ValueError``.
-        """
-        sd = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-        new: dict[str, Tensor] = {}
-        used: set[str] = set()
-        if "pos_embed" in sd:
-            pe = sd["pos_embed"]
-            n = pe.shape[1]
-            side = math.isqrt(n - 1)
-            prefix = n - side * side
-            if prefix not in (1, 2) or pe.shape[-1] != self.embed_dims:
-                raise ValueError(
-                    f"pos_embed of shape {tuple(pe.shape)} is not a square grid plus CLS "
-                    f"with D={self.embed_dims}"
-                )
-            pe = torch.cat([pe[:, :1], pe[:, prefix:]], dim=1)
-            new["pos_embed"] = resize_pos_embed(pe, (side, side), self.pos_grid)
-            used.add("pos_embed")
-        own = self.state_dict()
+    def task_indexed_parameters(self) -> dict[str, int]:
+        """``{name: task axis}`` of the routers' task-indexed parameters (the rows that
+        load by task name, :mod:`..task_order`)."""
+        out = {}
         for i, block in enumerate(self.blocks):
-            if not block.is_moe:
-                continue
-            keys = [f"blocks.{i}.mlp.fc{j}.{t}" for j in (1, 2) for t in ("weight", "bias")]
-            if not all(k in sd for k in keys):
-                continue
-            used.update(keys)
-            if self.expert_init == "random":
-                continue
-            new.update(self._split_experts(i, *(sd[k] for k in keys)))
-        for k, v in sd.items():
-            if k in own and k not in new and k not in used:
-                new[k] = v
-                used.add(k)
-        for k, v in new.items():
-            if tuple(own[k].shape) != tuple(v.shape):
-                raise ValueError(
-                    f"checkpoint tensor {k!r} has shape {tuple(v.shape)}, "
-                    f"model expects {tuple(own[k].shape)}"
-                )
-        self.load_state_dict(new, strict=False)
-        return {
-            "missing": sorted(k for k in own if k not in new),
-            "unexpected": sorted(k for k in sd if k not in used),
-        }
-
-    def _split_experts(
-        self, i: int, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor
-    ) -> dict[str, Tensor]:
-        moe = self.blocks[i].moe
-        e, _, hd = moe.w1.shape
-        dense_hidden = fc1_w.shape[0]
-        if dense_hidden % hd:
-            raise ValueError(
-                f"expert_init='split' needs the dense hidden size {dense_hidden} (block {i}) "
-                f"to be a multiple of expert_hidden_dims={hd}"
-            )
-        groups = dense_hidden // hd
-        idx = [(x % groups) for x in range(e)]
-        w1 = torch.stack([fc1_w[g * hd : (g + 1) * hd].t() for g in idx])
-        b1 = torch.stack([fc1_b[g * hd : (g + 1) * hd] for g in idx])
-        w2 = torch.stack([fc2_w[:, g * hd : (g + 1) * hd].t() for g in idx])
-        b2 = (fc2_b / groups).unsqueeze(0).expand(e, -1)
-        p = f"blocks.{i}.moe."
-        return {p + "w1": w1, p + "b1": b1, p + "w2": w2, p + "b2": b2.clone()}
+            if block.is_moe:
+                router = block.moe.router
+                for name, axis in getattr(router, "TASK_AXES", {}).items():
+                    out[f"blocks.{i}.moe.router.{name}"] = axis
+        return out
 
     # ------------------------------------------------------------------ forward
     @property

@@ -3,6 +3,13 @@
 Every router maps LayerNorm'd tokens ``x`` (B, N, D) and per-sample task indices
 ``task_ids`` (B,) long (None only for the shared router) to logits (B, N, E). The gate
 math (softmax, top-k, noise) lives in :mod:`.gating`, common to all variants.
+
+For ONE task every variant is an affine map of the token; each router says which::
+
+    router(x, task_ids=[t] * B) == x @ router.task_gate_weight(t) + router.task_logit_offset(t)
+
+(the FPGA flow builds one task's router from this pair; the offset is zero except for
+the task-conditioned router, whose task embedding adds a constant per expert).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ class MultiGateRouter(nn.Module):
     A mixed-task batch gathers each sample's task matrix (no loop over tasks).
     """
 
+    #: parameters indexed by task, and the axis (task names travel with the backbone)
+    TASK_AXES = {"weight": 0}
+
     def __init__(self, dim: int, num_experts: int, num_tasks: int) -> None:
         super().__init__()
         if num_tasks < 1:
@@ -33,6 +43,16 @@ class MultiGateRouter(nn.Module):
             raise ValueError("the multi_gate router needs the task of every sample")
         return torch.bmm(x, self.weight.index_select(0, task_ids).to(x.dtype))
 
+    def task_gate_weight(self, task_index: int) -> Tensor:
+        """Task ``task_index``'s gate matrix (D, E): logits = x @ it."""
+        _check_task_index(task_index, self.weight.shape[0])
+        return self.weight[task_index]
+
+    def task_logit_offset(self, task_index: int) -> Tensor:
+        """Constant logits (E,) added for task ``task_index``: zeros (no task embedding)."""
+        _check_task_index(task_index, self.weight.shape[0])
+        return self.weight.new_zeros(self.weight.shape[-1])
+
 
 class TaskConditionedRouter(nn.Module):
     """One router on ``concat(token, e_t)``, ``e_t = MLP(one_hot(t))``.
@@ -41,6 +61,9 @@ class TaskConditionedRouter(nn.Module):
     ``task_embed_dims``, M3VIT.md: one_hot -> g -> g, GELU, LayerNorm). The gate is
     ``Linear(D + g, E, bias=False)``.
     """
+
+    #: the task MLP's first layer takes the one-hot task: its input axis is the task
+    TASK_AXES = {"task_mlp.0.weight": 1}
 
     def __init__(
         self, dim: int, num_experts: int, num_tasks: int, task_embed_dims: int = 64
@@ -71,9 +94,26 @@ class TaskConditionedRouter(nn.Module):
         emb = emb[:, None, :].expand(-1, x.shape[1], -1)
         return self.gate(torch.cat([x, emb], dim=-1))
 
+    def task_gate_weight(self, task_index: int) -> Tensor:
+        """The token part of the gate, (D, E): the columns of ``gate.weight`` that multiply
+        the token (the task embedding's part is :meth:`task_logit_offset`)."""
+        _check_task_index(task_index, self.num_tasks)
+        dim = self.gate.in_features - self.task_mlp[0].out_features
+        return self.gate.weight[:, :dim].t()
+
+    def task_logit_offset(self, task_index: int) -> Tensor:
+        """Constant logits (E,) of task ``task_index``: the gate's embedding columns times
+        ``e_t`` (the same for every token of the task)."""
+        _check_task_index(task_index, self.num_tasks)
+        dim = self.gate.in_features - self.task_mlp[0].out_features
+        ids = torch.tensor([task_index], device=self.gate.weight.device)
+        return self.task_embedding(ids)[0] @ self.gate.weight[:, dim:].t()
+
 
 class SharedRouter(nn.Module):
     """One ``Linear(D, E, bias=False)`` shared by all tasks; ignores ``task_ids``."""
+
+    TASK_AXES: dict[str, int] = {}
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__()
@@ -83,6 +123,19 @@ class SharedRouter(nn.Module):
     def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
         """x (B, N, D) -> logits (B, N, E)."""
         return self.gate(x)
+
+    def task_gate_weight(self, task_index: int) -> Tensor:
+        """The shared gate matrix (D, E), the same for every task."""
+        return self.gate.weight.t()
+
+    def task_logit_offset(self, task_index: int) -> Tensor:
+        """Zeros (E,): the shared router has no task input."""
+        return self.gate.weight.new_zeros(self.gate.out_features)
+
+
+def _check_task_index(task_index: int, num_tasks: int) -> None:
+    if not 0 <= int(task_index) < num_tasks:
+        raise IndexError(f"task index {task_index} out of range for {num_tasks} task(s)")
 
 
 def build_router(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from mmengine.structures import PixelData
@@ -13,8 +13,55 @@ from mmseg.structures import SegDataSample
 from mmseg.utils import add_prefix
 from torch import Tensor, nn
 
-from ...tasks import check_tasks
+from ...tasks import TASK_SPECS, check_tasks, dataset_tasks, resolve_tasks
 from ..backbones.m3vit import M3ViTOutput
+
+
+def task_head_configs(
+    decode_heads: Mapping[str, Mapping],
+    tasks: Sequence[str] | None = None,
+    dataset: str | None = None,
+    head_template: Mapping | None = None,
+) -> dict[str, dict]:
+    """The full head config of every task the segmentor builds, in task order.
+
+    Each is ``head_template`` updated with ``decode_heads[task]`` (one level: a key of the
+    task's entry replaces the template's), plus ``task`` and, when ``dataset`` is given
+    and the entry sets none, ``num_classes`` from the task table. ``in_channels`` is left
+    to the caller (the backbone's width). The task list is chosen as described by
+    :func:`mmseg_m3vit.tasks.resolve_tasks`.
+
+    Raises:
+        ValueError: an unknown or missing task, or an entry whose ``task`` is another one.
+    """
+    if not decode_heads:
+        raise ValueError("decode_heads is empty; give one head config per task")
+    chosen = resolve_tasks(tasks, dataset, decode_heads, what="decode_heads")
+    out = {}
+    for task in chosen:
+        cfg = copy.deepcopy(dict(head_template or {}))
+        cfg.update(copy.deepcopy(dict(decode_heads[task])))
+        if cfg.setdefault("task", task) != task:
+            raise ValueError(f"decode_heads[{task!r}] has task={cfg['task']!r}")
+        if dataset is not None:
+            cfg.setdefault("num_classes", dataset_tasks(dataset)[task])
+        out[task] = cfg
+    return out
+
+
+def model_head_configs(model: Mapping) -> dict[str, dict]:
+    """:func:`task_head_configs` of a ``MultiTaskSegmentor`` config (``cfg.model``): the
+    full head config of every task it builds, in task order; its keys are its tasks.
+
+    Raises:
+        KeyError: the config has no ``decode_heads``. ValueError: as
+            :func:`task_head_configs`.
+    """
+    if not isinstance(model.get("decode_heads"), Mapping):
+        raise KeyError("model.decode_heads (a dict keyed by task) is missing")
+    return task_head_configs(
+        model["decode_heads"], model.get("tasks"), model.get("dataset"), model.get("head_template")
+    )
 
 
 @MODELS.register_module()
@@ -42,10 +89,19 @@ class MultiTaskSegmentor(BaseSegmentor):
         _forward(inputs, data_samples=None, tasks=None) -> {task: logits (B,C,H,W)}
 
     Args:
-        backbone: M3ViT config; ``tasks`` is filled from ``decode_heads`` when absent and
-            must name exactly the tasks with a head when given.
-        decode_heads: ``{task: head config}`` (``task`` and ``in_channels`` are filled in).
-        loss_weights: ``{task: weight}``; tasks not listed weigh 1.0.
+        backbone: M3ViT config; ``tasks`` is filled from the segmentor's tasks when absent
+            and must name exactly those tasks when given.
+        decode_heads: ``{task: head config}``: each task's own head settings (e.g. its
+            ``loss_decode``), laid over ``head_template``. May hold more tasks than are
+            built (one table for several data sets); ``task``, ``in_channels`` and, with
+            ``dataset``, ``num_classes`` are filled in (see :func:`task_head_configs`).
+        tasks: the tasks to build, in task-index order; default every task of
+            ``dataset`` (task table order), else every key of ``decode_heads``.
+        dataset: a data set of the task table (``'nyud'``, ``'pascal'``): the default
+            task list and each head's ``num_classes``.
+        head_template: settings shared by every task's head (type, channels, norm, ...).
+        loss_weights: ``{task: weight}``; tasks not listed weigh 1.0; may name tasks that
+            are not built.
         moe_balance_weight: factor of the summed balance loss (0.01).
         infer_tasks: tasks :meth:`predict` runs by default (all when None).
         task_batched: run the per-task passes of training as one batched pass (same
@@ -63,6 +119,9 @@ class MultiTaskSegmentor(BaseSegmentor):
         self,
         backbone: dict,
         decode_heads: dict[str, dict],
+        tasks: Sequence[str] | None = None,
+        dataset: str | None = None,
+        head_template: dict | None = None,
         loss_weights: dict[str, float] | None = None,
         moe_balance_weight: float = 0.01,
         infer_tasks: Sequence[str] | None = None,
@@ -74,32 +133,23 @@ class MultiTaskSegmentor(BaseSegmentor):
         init_cfg: dict | None = None,
     ) -> None:
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        if not decode_heads:
-            raise ValueError("decode_heads is empty; give one head config per task")
-        self.tasks = check_tasks(decode_heads.keys(), list(decode_heads), "decode_heads")
+        head_cfgs = task_head_configs(decode_heads, tasks, dataset, head_template)
+        self.tasks = list(head_cfgs)
         backbone = copy.deepcopy(dict(backbone))
         if backbone.get("tasks") is None:
             backbone["tasks"] = list(self.tasks)
-        else:
-            no_head = [t for t in backbone["tasks"] if t not in decode_heads]
-            no_task = [t for t in self.tasks if t not in backbone["tasks"]]
-            if no_head or no_task:
-                raise ValueError(
-                    f"backbone tasks {list(backbone['tasks'])} and decode_heads "
-                    f"{self.tasks} differ: tasks without a head {no_head}, heads without "
-                    f"a backbone task {no_task}"
-                )
+        elif list(backbone["tasks"]) != self.tasks:
+            raise ValueError(
+                f"backbone tasks {list(backbone['tasks'])} differ from the segmentor's "
+                f"tasks {self.tasks}; leave backbone.tasks unset"
+            )
         self.backbone = MODELS.build(backbone)
         self.heads = nn.ModuleDict()
-        for task, head_cfg in decode_heads.items():
-            cfg = copy.deepcopy(dict(head_cfg))
-            if cfg.setdefault("task", task) != task:
-                raise ValueError(f"decode_heads[{task!r}] has task={cfg['task']!r}")
-            cfg.setdefault("in_channels", self.backbone.embed_dims)
-            self.heads[task] = MODELS.build(cfg)
+        for task, head_cfg in head_cfgs.items():
+            head_cfg.setdefault("in_channels", self.backbone.embed_dims)
+            self.heads[task] = MODELS.build(head_cfg)
         loss_weights = dict(loss_weights or {})
-        if loss_weights:
-            check_tasks(loss_weights.keys(), self.tasks, "loss_weights")
+        check_tasks(loss_weights, sorted(TASK_SPECS), "loss_weights", allow_empty=True)
         self.loss_weights = {t: float(loss_weights.get(t, 1.0)) for t in self.tasks}
         self.moe_balance_weight = float(moe_balance_weight)
         self.infer_tasks = check_tasks(infer_tasks or self.tasks, self.tasks, "infer_tasks")

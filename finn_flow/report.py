@@ -1,0 +1,374 @@
+"""What a build reports: resources, performance, what runs where; summary.json / SUMMARY.md.
+
+Nothing here runs FINN: the functions read the build's final model and FINN's estimate
+reports (``<out>/finn/report``) and write the human summary. Resource figures are
+estimates (finn-plus's, or this project's cost models where finn-plus reports zero,
+:mod:`finn_flow.cost_models`); cycles are FINN's analytical model; nothing is
+synthesised, timed or simulated at RTL level (see :data:`STEPS_NOT_RUN`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finn_flow import BuildError, write_atomic
+
+RESOURCE_KEYS = ("LUT", "FF", "BRAM_18K", "URAM", "DSP")
+#: FINN steps this flow stops before, and what they need.
+STEPS_NOT_RUN = {
+    "step_hw_ipgen (HLS synthesis)": "needs Vitis HLS / Vivado 2024.2",
+    "step_set_fifo_depths (rtlsim)": "needs the Vivado simulator (xsim)",
+    "step_create_stitched_ip": "needs Vivado 2024.2",
+    "step_measure_rtlsim_performance": "needs the Vivado simulator (xsim)",
+    "step_out_of_context_synthesis": "needs Vivado 2024.2",
+    "step_synthesize_bitfile": "needs Vivado 2024.2",
+    "step_make_driver / step_deployment_package": "need a bitfile",
+}
+
+
+@dataclass
+class StepRecords:
+    """What the steps found, kept in ``<output_dir>/report/m3vit_steps.json``.
+
+    Attributes:
+        verification: one dict per verified stage (errors in output LSBs).
+        pieces: per piece-wise step, the number of pieces and seconds per piece.
+        non_hw_nodes: ``[name, op_type]`` of nodes that did not become HW layers.
+        retyped_weights: MVAU/VVAU nodes whose {0, 1} weights were typed INT2.
+    """
+
+    verification: list[dict[str, Any]] = field(default_factory=list)
+    pieces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    non_hw_nodes: list[list[str]] = field(default_factory=list)
+    retyped_weights: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def path(output_dir: str | os.PathLike[str]) -> Path:
+        """Where the records of the build writing to ``output_dir`` are kept."""
+        return Path(output_dir) / "report" / "m3vit_steps.json"
+
+    @classmethod
+    def load(cls, output_dir: str | os.PathLike[str]) -> StepRecords:
+        """The records so far (empty before the first step wrote any)."""
+        path = cls.path(output_dir)
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+
+    def save(self, output_dir: str | os.PathLike[str]) -> None:
+        """Write the records (temporary file + rename)."""
+        write_atomic(self.path(output_dir), json.dumps(dataclasses.asdict(self), indent=2))
+
+
+def dataflow_model(final_model_path: Path) -> Any:
+    """The HW-layer graph of a build's final model (inside its dataflow partition)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import getCustomOp
+
+    model = ModelWrapper(str(final_model_path))
+    nodes = list(model.graph.node)
+    if len(nodes) == 1 and nodes[0].op_type == "StreamingDataflowPartition":
+        model = ModelWrapper(getCustomOp(nodes[0]).get_nodeattr("model"))
+    return model
+
+
+def collect_resources(final_model_path: Path, report_dir: Path) -> dict[str, Any]:
+    """Per-layer resources: finn-plus's estimate, or ours where finn-plus says zero.
+
+    Returns ``{"layers": [{name, op_type, cycles, source, LUT, FF, BRAM_18K, URAM,
+    DSP}], "total": {key: sum}, "finn_total": finn-plus's own totals}``.
+    """
+    from qonnx.custom_op.registry import getCustomOp
+
+    from finn_flow.cost_models import own_estimate
+
+    finn_res = json.loads((report_dir / "estimate_layer_resources.json").read_text())
+    cycles = json.loads((report_dir / "estimate_layer_cycles.json").read_text())
+    layers = []
+    totals = dict.fromkeys(RESOURCE_KEYS, 0.0)
+    for node in dataflow_model(final_model_path).graph.node:
+        est = finn_res.get(node.name, {})
+        finn_vals = {k: float(est.get(k, 0) or 0) for k in RESOURCE_KEYS}
+        source = "finn-plus"
+        if finn_vals["LUT"] == 0 and finn_vals["BRAM_18K"] == 0 and finn_vals["DSP"] == 0:
+            ours = own_estimate(node.op_type, getCustomOp(node))
+            if ours is not None:
+                finn_vals, source = ours, "own cost model (finn_flow/cost_models.py)"
+        for k in RESOURCE_KEYS:
+            totals[k] += finn_vals[k]
+        layers.append(
+            {
+                "name": node.name,
+                "op_type": node.op_type,
+                "cycles": int(cycles.get(node.name, 0)),
+                "source": source,
+                **finn_vals,
+            }
+        )
+    return {"layers": layers, "total": totals, "finn_total": finn_res.get("total", {})}
+
+
+def performance(
+    report_dir: Path, clock_ns: float, in_bytes: float, out_bytes: float
+) -> dict[str, Any]:
+    """Throughput, latency and DDR traffic per frame from FINN's performance estimate.
+
+    Args:
+        report_dir: FINN's report folder (``estimate_network_performance.json``).
+        clock_ns: clock period in ns; in_bytes / out_bytes: one frame's input patches and
+            output logits in bytes.
+    """
+    perf = json.loads((report_dir / "estimate_network_performance.json").read_text())
+    max_cycles = int(perf["max_cycles"])
+    lat_cycles = int(perf["critical_path_cycles"])
+    return {
+        "clock_MHz": 1000.0 / clock_ns,
+        "max_cycles_per_frame (bottleneck layer)": max_cycles,
+        "critical_path_cycles": lat_cycles,
+        "throughput_fps": 1e9 / (clock_ns * max_cycles),
+        "latency_ms": lat_cycles * clock_ns * 1e-6,
+        "ddr_bytes_per_frame": in_bytes + out_bytes,
+        "ddr_note": "input patches + output logits; all weights (every expert, the "
+        "stand-in MoE form) are on chip, so no weight traffic per frame",
+        "finn_estimate_network_performance": perf,
+    }
+
+
+def pathway_summary(
+    dims: Any,
+    task: str,
+    head: Any,
+    extra: tuple[int, int],
+    out_hw: tuple[int, int],
+    size: tuple[int, int],
+    bits: int,
+) -> dict[str, Any]:
+    """What the design computes and what runs where.
+
+    Args:
+        dims: the pathway's :class:`~finn_flow.quant_model.PathwayDims`.
+        head: the task's float ``PUPHead``; extra: the head's final integer nearest
+            resize ((1, 1): none); out_hw: (H, W) of the design's output.
+        size: (H, W) of the input frame; bits: weight / activation bits.
+    """
+    head_note = (
+        f"PUP head (LayerNorm, {head.num_up + 1} conv3x3+BN+ReLU at {head.channels} "
+        f"channels, conv1x1, {head.num_up + 1} nearest x2 upsamplings"
+        + (f", final nearest x{extra[0]}x{extra[1]}" if extra != (1, 1) else "")
+        + f") -> logits (1, {out_hw[0]}, {out_hw[1]}, {head.num_classes}) NHWC"
+    )
+    host = ["patch cutting of the input frame (pure pixel reordering, host/DMA)"]
+    if tuple(out_hw) != tuple(size):
+        host.append(
+            f"bilinear resize of the {out_hw[0]}x{out_hw[1]} logits to the "
+            f"{size[0]}x{size[1]} input (not an integer factor)"
+        )
+    host.append(
+        "task post-processing (argmax / sigmoid / normalisation, resize to the original image size)"
+    )
+    on_fpga = [
+        "patch projection (QuantLinear), CLS/position token table",
+        f"{dims.num_layers} transformer blocks (attention, LayerNorm, GELU, "
+        f"MoE stand-in on {list(dims.moe_layers)})",
+        head_note,
+    ]
+    if getattr(head, "upsample_mode", "bilinear") != "nearest":
+        on_fpga.append(
+            "NOTE: the float head is configured with bilinear upsampling; the FPGA form "
+            "uses nearest (set upsample_mode='nearest', as configs/fpga does)"
+        )
+    return {
+        "dims": dict(vars(dims)),
+        "tokens": dims.tokens,
+        "description": f"patch projection + {dims.num_layers} blocks "
+        f"(MoE on {list(dims.moe_layers)}), task {task}'s routers + {task} PUP head",
+        "moe_form": "stand-in: all experts computed, weighted by the router's top-k "
+        "gates (zero elsewhere); the same function as top-k dispatch",
+        "on_fpga": on_fpga,
+        "on_host": host,
+        "not_on_fpga": "; ".join(host),
+        "output": f"(1, {out_hw[0]}, {out_hw[1]}, {head.num_classes}) NHWC, {bits}-bit logits",
+    }
+
+
+def quantization_summary(spec: Any) -> dict[str, Any]:
+    """How the pathway is quantized (``spec``: :class:`~finn_flow.quant_model.QuantSpec`)."""
+    return spec.as_dict() | {
+        "weights": "per-tensor signed, narrow range",
+        "activations": "per-tensor, calibrated (Brevitas)",
+        "softmax / gates": f"unsigned, fixed scale 1/{2**spec.prob_bits - 1}",
+        "LayerNorm": "float (finn-plus LayerNorm layer)",
+        "GELU": "exact: integer table between its two quantizers, built as two "
+        "thresholding layers (finn_flow/transforms.py GeluToThresholds)",
+        "head": "conv weights per-tensor signed; BatchNorm + ReLU folded into "
+        "unsigned thresholds; nearest x2 upsampling (exact on integers)",
+    }
+
+
+def codegen_listing(final_model_path: Path, build_dir: str) -> dict[str, Any]:
+    """Where ``step_hw_codegen`` wrote each layer's HLS/RTL sources (and what)."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    nodes = list(dataflow_model(final_model_path).graph.node)
+    per_layer: dict[str, list[str]] = {}
+    missing = []
+    for node in nodes:
+        folder = getCustomOp(node).get_nodeattr("code_gen_dir_ipgen")
+        if not folder or not Path(folder).is_dir():
+            missing.append(node.name)
+            continue
+        per_layer[node.name] = sorted(
+            f.name for f in Path(folder).iterdir() if f.suffix in (".cpp", ".hpp", ".v", ".sv")
+        )
+    if missing:
+        raise BuildError(f"step_hw_codegen wrote no sources for {missing}")
+    by_ext: dict[str, int] = {}
+    for f in Path(build_dir).rglob("*"):
+        if f.is_file():
+            by_ext[f.suffix or "(none)"] = by_ext.get(f.suffix or "(none)", 0) + 1
+    return {
+        "folder": str(build_dir),
+        "layers": len(per_layer),
+        "files": sum(by_ext.values()),
+        "by_extension": dict(sorted(by_ext.items())),
+        "sources_per_layer": per_layer,
+    }
+
+
+def verification_note(ver: list[dict[str, Any]]) -> str:
+    """Say where any difference to the Brevitas model comes from."""
+    by_stage = {v["stage"]: v for v in ver}
+    if all(v["bit_exact"] for v in ver):
+        return "bit exact at every verified stage"
+    stream = by_stage.get("streamlined")
+    if stream is not None and stream["bit_exact"]:
+        return (
+            "streamlined graph bit exact; the HW-layer graph differs by at most "
+            f"{by_stage['hw_layers']['max_error_lsb']:.3g} LSB: introduced by the HW layers "
+            "that compute in float32 (LayerNorm, the softmax inside ScaledDotProductAttention "
+            "and HWSoftmax, float ElementwiseMul/Add), whose arithmetic order differs from "
+            "PyTorch's and moves a few values across a rounding boundary of the next "
+            "quantizer (errors in LSBs of the output quantizer: the head's logits)"
+        )
+    hw = by_stage.get("hw_layers", stream)
+    return (
+        f"streamlining already changes the result by at most {stream['max_error_lsb']:.3g} "
+        f"LSB (mean {stream['mean_error_lsb']:.3g}): FINN folds the float scales (dequant "
+        "scales, LayerNorm affine, the head's BatchNorm) into float32 thresholds in another "
+        "order than PyTorch, which moves a few values across a rounding boundary; the "
+        f"HW-layer graph differs by at most {hw['max_error_lsb']:.3g} LSB (errors in LSBs "
+        "of the output quantizer: the head's logits)"
+    )
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """summary.json + SUMMARY.md (both atomically)."""
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    lines = [
+        f"# FINN build of the M3ViT `{summary['task']}` pathway ({summary['board']})",
+        "",
+        f"- status: **{summary['status']}**",
+        f"- config: `{summary['config']}`",
+        f"- checkpoint: {summary['checkpoint'] or '**NONE: RANDOM WEIGHTS** (numbers below describe the hardware, not a trained model)'}",  # noqa: E501
+        f"- FINN: finn-plus {summary['finn']['finn_version']}; Vivado present: "
+        f"{summary['finn']['vivado_present']}",
+        f"- quantization: {summary['quantization']}",
+        f"- calibration: {summary['calibration']}",
+        f"- pathway: {summary['pathway']['description']}",
+        f"- MoE: {summary['pathway']['moe_form']}",
+    ]
+    on_fpga = summary["pathway"].get("on_fpga")
+    if on_fpga:
+        lines += ["", "## What runs where", "", "On the FPGA (this streaming design):", ""]
+        lines += [f"- {item}" for item in on_fpga]
+        lines += ["", "On the host (CPU / DMA), not in this design:", ""]
+        lines += [f"- {item}" for item in summary["pathway"].get("on_host", [])]
+        if summary["pathway"].get("output"):
+            lines += ["", f"FPGA output: {summary['pathway']['output']}"]
+    else:
+        lines.append(f"- not on FPGA: {summary['pathway']['not_on_fpga']}")
+    cg = summary.get("codegen")
+    if cg:
+        lines += ["", "## Generated sources (--mode codegen; no synthesis)", ""]
+        lines.append(
+            f"- {cg['layers']} layers, {cg['files']} files under `{cg['folder']}` "
+            f"(by type: {cg['by_extension']})"
+        )
+        if cg.get("retyped_weights"):
+            lines.append(
+                "- {0,1} weight matrices typed INT2 instead of BINARY for the MVAU "
+                f"generators: {cg['retyped_weights']}"
+            )
+    if summary.get("error"):
+        lines += ["", "## Error", "", "```", summary["error"], "```"]
+    ver = summary.get("verification") or []
+    if ver:
+        lines += ["", "## Verification (python execution vs Brevitas)", ""]
+        lines += ["| stage | max err (LSB) | mean err (LSB) | bit exact |", "|---|---|---|---|"]
+        for v in ver:
+            lines.append(
+                f"| {v['stage']} | {v['max_error_lsb']:.3g} | {v['mean_error_lsb']:.3g} | "
+                f"{v['bit_exact']} |"
+            )
+        if summary.get("verification_note"):
+            lines += ["", summary["verification_note"]]
+    fvq = summary.get("float_vs_quant")
+    if fvq:
+        lines += ["", "## Float vs quantized (Brevitas) model", ""]
+        lines.append(
+            f"- relative L2 error: tokens {fvq['relative_l2_error_of_tokens']:.4g}, head "
+            f"output {fvq['relative_l2_error_of_head_output']:.4g} ({fvq['images']})"
+        )
+        val = fvq.get("val_metric")
+        if isinstance(val, dict):
+            better = "lower" if val["lower_is_better"] else "higher"
+            lines.append(
+                f"- val metric `{val['primary']}` ({val['metric']}, {better} is better; "
+                f"{val['images']} images of {val['data']}, input {val['input_size']}): "
+                f"float **{val['float_primary']:.4g}**, quantized **{val['quant_primary']:.4g}** "
+                f"(delta {val['delta']:+.4g})"
+            )
+            if summary.get("random_weights"):
+                lines.append("- (random weights: the metric describes an untrained model)")
+        elif val:
+            lines.append(f"- val metric: {val}")
+    res = summary.get("resources")
+    if res:
+        cap = summary["board_capacity"]
+        lines += ["", "## Resources (estimates, no synthesis)", ""]
+        lines += ["| | " + " | ".join(RESOURCE_KEYS) + " |", "|---" * 6 + "|"]
+        lines.append("| total | " + " | ".join(f"{res['total'][k]:.0f}" for k in RESOURCE_KEYS))
+        lines.append(
+            "| utilisation | "
+            + " | ".join(f"{100 * res['total'][k] / cap[k]:.1f}%" for k in RESOURCE_KEYS)
+        )
+        lines += ["", "Per layer (source: finn-plus estimate or own cost model):", ""]
+        lines += ["| layer | op | cycles | LUT | BRAM_18K | DSP | source |", "|---" * 7 + "|"]
+        for layer in res["layers"]:
+            lines.append(
+                f"| {layer['name']} | {layer['op_type']} | {layer['cycles']} | "
+                f"{layer['LUT']:.0f} | {layer['BRAM_18K']:.0f} | {layer['DSP']:.0f} | "
+                f"{layer['source']} |"
+            )
+    perf = summary.get("performance")
+    if perf:
+        lines += ["", "## Performance (estimates)", ""]
+        for k, v in perf.items():
+            lines.append(f"- {k}: {v}")
+    lines += ["", "## Steps run", ""]
+    split = (summary.get("pieces") or {}).get("steps") or {}
+    for k, v in (summary.get("step_seconds") or {}).items():
+        where = ""
+        if k in split and split[k]["pieces"] > 1:
+            where = (
+                f" ({split[k]['pieces']} pieces cut at the residual stream, "
+                f"{summary['pieces']['jobs']} workers, finn_flow/pieces.py)"
+            )
+        lines.append(f"- {k}: {v} s{where}")
+    lines += ["", "## Steps not run (need Vivado 2024.2 tools)", ""]
+    for k, v in STEPS_NOT_RUN.items():
+        lines.append(f"- {k}: {v}")
+    write_atomic(out / "SUMMARY.md", "\n".join(lines) + "\n")
