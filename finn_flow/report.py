@@ -40,12 +40,15 @@ class StepRecords:
         pieces: per piece-wise step, the number of pieces and seconds per piece.
         non_hw_nodes: ``[name, op_type]`` of nodes that did not become HW layers.
         retyped_weights: MVAU/VVAU nodes whose {0, 1} weights were typed INT2.
+        shared_thresholds: ``[MultiThreshold output, channels]`` of each per-channel
+            table rewritten as an integer bias + one shared table.
     """
 
     verification: list[dict[str, Any]] = field(default_factory=list)
     pieces: dict[str, dict[str, Any]] = field(default_factory=dict)
     non_hw_nodes: list[list[str]] = field(default_factory=list)
     retyped_weights: list[str] = field(default_factory=list)
+    shared_thresholds: list[list[Any]] = field(default_factory=list)
 
     @staticmethod
     def path(output_dir: str | os.PathLike[str]) -> Path:
@@ -76,24 +79,44 @@ def dataflow_model(final_model_path: Path) -> Any:
 
 
 def collect_resources(final_model_path: Path, report_dir: Path) -> dict[str, Any]:
-    """Per-layer resources: finn-plus's estimate, or ours where finn-plus says zero.
+    """Per-layer resources: finn-plus's estimate, or ours where finn-plus says zero, and
+    RTL thresholding layers as finn-plus's generator emits them (one table per PE when
+    the thresholds are one shared row; :func:`finn_flow.cost_models.threshold_table`).
 
     Returns ``{"layers": [{name, op_type, cycles, source, LUT, FF, BRAM_18K, URAM,
-    DSP}], "total": {key: sum}, "finn_total": finn-plus's own totals}``.
+    DSP}], "total": {key: sum}, "finn_total": finn-plus's own totals, "thresholds":
+    {tables, shared, threshold_bits, finn_plus_estimate}}``.
     """
     from qonnx.custom_op.registry import getCustomOp
 
-    from finn_flow.cost_models import own_estimate
+    from finn_flow.cost_models import (
+        own_estimate,
+        threshold_table,
+        thresholding_rtl_as_generated,
+    )
 
     finn_res = json.loads((report_dir / "estimate_layer_resources.json").read_text())
     cycles = json.loads((report_dir / "estimate_layer_cycles.json").read_text())
     layers = []
     totals = dict.fromkeys(RESOURCE_KEYS, 0.0)
-    for node in dataflow_model(final_model_path).graph.node:
+    thr = {"tables": 0, "shared": 0, "threshold_bits": 0.0}
+    thr_finn = dict.fromkeys(RESOURCE_KEYS, 0.0)
+    model = dataflow_model(final_model_path)
+    for node in model.graph.node:
         est = finn_res.get(node.name, {})
         finn_vals = {k: float(est.get(k, 0) or 0) for k in RESOURCE_KEYS}
         source = "finn-plus"
-        if finn_vals["LUT"] == 0 and finn_vals["BRAM_18K"] == 0 and finn_vals["DSP"] == 0:
+        if node.op_type == "Thresholding_rtl":
+            table = threshold_table(model, node)
+            gen = thresholding_rtl_as_generated(table)
+            for k in RESOURCE_KEYS:
+                thr_finn[k] += finn_vals[k]
+            thr["tables"] += 1
+            thr["shared"] += int(table.shared)
+            thr["threshold_bits"] += gen["threshold_bits"]
+            finn_vals = {k: float(gen[k]) for k in RESOURCE_KEYS}
+            source = "as generated (finn_flow/cost_models.py)"
+        elif finn_vals["LUT"] == 0 and finn_vals["BRAM_18K"] == 0 and finn_vals["DSP"] == 0:
             ours = own_estimate(node.op_type, getCustomOp(node))
             if ours is not None:
                 finn_vals, source = ours, "own cost model (finn_flow/cost_models.py)"
@@ -108,7 +131,13 @@ def collect_resources(final_model_path: Path, report_dir: Path) -> dict[str, Any
                 **finn_vals,
             }
         )
-    return {"layers": layers, "total": totals, "finn_total": finn_res.get("total", {})}
+    thr["finn_plus_estimate"] = thr_finn
+    return {
+        "layers": layers,
+        "total": totals,
+        "finn_total": finn_res.get("total", {}),
+        "thresholds": thr,
+    }
 
 
 def performance(

@@ -159,6 +159,21 @@ def step_m3vit_verify_streamlined(model: ModelWrapper, cfg: M3ViTBuildConfig) ->
     return model
 
 
+def step_m3vit_shared_thresholds(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
+    """Per-channel thresholds that are integer shifts of one row (quantizers after a
+    linear layer with its bias on the accumulator grid) become an integer Add + one
+    shared table (:class:`finn_flow.transforms.SharedThresholdTable`; exact)."""
+    from finn_flow.transforms import SharedThresholdTable
+
+    rewrite = SharedThresholdTable()
+    model = model.transform(rewrite)
+    records = StepRecords.load(cfg.output_dir)
+    records.shared_thresholds = [[name, channels] for name, channels in rewrite.rewritten]
+    records.save(cfg.output_dir)
+    print(f"[thresholds] {len(rewrite.rewritten)} per-channel tables -> one shared table each")
+    return model
+
+
 def step_m3vit_convert_to_hw(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
     """Conversion to HW layers (:func:`finn_flow.graph_passes.convert_to_hw`), piece by
     piece."""
@@ -242,6 +257,7 @@ def build_steps(mode: str) -> list[Step]:
         step_m3vit_qonnx_to_finn,
         step_m3vit_streamline,
         step_m3vit_verify_streamlined,
+        step_m3vit_shared_thresholds,
         step_m3vit_convert_to_hw,
         step_m3vit_check_hw,
         step_m3vit_verify_hw,
