@@ -16,16 +16,36 @@ Agreement (per layer and over all layers), over tokens (CLS included):
 - ``gate_abs_diff``: mean |float gate - quantized gate| over the experts both picked.
 
 Shapes: T tokens (1 + h*w), k experts per token, L MoE layers.
+
+Command line (every task of the config, the val split's frames at the FPGA size)::
+
+    python finn_flow/routing_dump.py --checkpoint CKPT [--config CFG] [--images N]
+        [--out DIR]
+
+writes ``DIR/routing.json`` (the dump, agreement, per-layer expert load and its entropy
+for both models) and ``DIR/expert_load.png`` (float model's load per task and layer),
+and prints the agreement and entropy tables.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # allow `python finn_flow/routing_dump.py` from a checkout
+    sys.path.insert(0, str(REPO))
+DEFAULT_CONFIG = (
+    REPO / "configs" / "fpga" / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"
+)
 
 #: One layer's routing: (expert ids (T, k) int64, gates (T, k) float32), ids ordered by
 #: descending gate (ties: lower expert id first).
@@ -200,3 +220,135 @@ def load_entropy(load: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, -p * np.log2(p), 0.0)
     return terms.sum(axis=1)
+
+
+def load_report(dump: dict[str, Any], num_experts: int) -> dict[str, Any]:
+    """Per task: expert load (L, E) and its entropy per layer, for both models."""
+    out: dict[str, Any] = {}
+    for task, entry in dump["tasks"].items():
+        out[task] = {}
+        for kind in ("float", "quantized"):
+            frames = [
+                [(np.asarray(r["ids"]), np.asarray(r["gates"])) for r in img[kind]]
+                for img in entry["images"]
+            ]
+            load = expert_load(frames, num_experts)
+            out[task][kind] = {
+                "load": load.tolist(),
+                "entropy_bits": load_entropy(load).tolist(),
+                "max_entropy_bits": float(np.log2(num_experts)),
+                "experts_used": (load > 0).sum(axis=1).tolist(),
+                "busiest_share": (load.max(axis=1) / load.sum(axis=1)).tolist(),
+            }
+    return out
+
+
+def dump_all_tasks(
+    cfg: Any,
+    checkpoint: str | None,
+    num_images: int | None,
+    seed: int = 0,
+    trust: bool | None = None,
+) -> dict[str, Any]:
+    """Route the val frames for every task of ``cfg`` with the float model and with each
+    task's calibrated quantized pathway (calibrated as ``build.py`` does)."""
+    from finn_flow import quant_model as qm
+    from finn_flow.evaluate import input_frames, val_frames
+    from finn_flow.float_model import FloatPathway, build_float_pathway
+
+    fpga = dict(cfg.fpga)
+    size = tuple(fpga["input_size"])
+    tasks = list(cfg.model.get("decode_heads") or {}) or None
+    base = build_float_pathway(cfg, tasks[0] if tasks else "normals", checkpoint, seed, trust)
+    tasks = list(base.model.heads)
+    spec = qm.QuantSpec(
+        weight_bits=int(fpga.get("bits", 8)),
+        act_bits=int(fpga.get("bits", 8)),
+        attn_weight_bits=fpga.get("attn_weight_bits"),
+    )
+    patch = base.backbone.patch_size
+    calib, _ = input_frames(cfg, int(fpga.get("calib_images", 8)), size, seed)
+    images = [img for img, _, _ in val_frames(cfg, size, num_images)]
+    quant = {}
+    for task in tasks:
+        fp = FloatPathway(base.model, task, list(base.backbone.tasks).index(task), checkpoint)
+        qmodel = qm.build_quant_task_model(fp.backbone, fp.head, task, spec, size)
+        qm.calibrate(qmodel, [qm.patchify(img, patch) for img in calib])
+        quant[task] = qmodel.pathway
+    dump = routing_dump(
+        images,
+        tasks,
+        lambda img, task: float_routing(base.backbone, img, task),
+        lambda img, task: quant_routing(quant[task], qm.patchify(img, patch)),
+    )
+    experts = base.moe_layers()[0].num_experts if base.moe_layers() else 0
+    dump["load"] = load_report(dump, experts)
+    dump["checkpoint"] = checkpoint
+    dump["images"] = len(images)
+    dump["quantization"] = spec.as_dict()
+    return dump
+
+
+def format_tables(dump: dict[str, Any]) -> str:
+    """Agreement and load-entropy tables (text)."""
+    lines = [
+        f"{'task':<8}{'layer':>6}{'set %':>8}{'top1 %':>8}{'slots %':>9}{'|dg|':>8}"
+        f"{'H float':>9}{'H quant':>9}{'max H':>7}"
+    ]
+    for task, entry in dump["tasks"].items():
+        ld = dump["load"][task]
+        for li, a in enumerate(entry["per_layer"]):
+            lines.append(
+                f"{task:<8}{li:>6}{a['set']:>8.1f}{a['top1']:>8.1f}{a['slots']:>9.1f}"
+                f"{a['gate_abs_diff']:>8.4f}{ld['float']['entropy_bits'][li]:>9.2f}"
+                f"{ld['quantized']['entropy_bits'][li]:>9.2f}"
+                f"{ld['float']['max_entropy_bits']:>7.2f}"
+            )
+    a = dump["agreement"]
+    lines.append(
+        f"all tasks and layers ({a['tokens']} token-layers): same expert set {a['set']:.1f} %, "
+        f"same top-1 {a['top1']:.1f} %, same expert per slot {a['slots']:.1f} %, "
+        f"mean |gate difference| {a['gate_abs_diff']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--checkpoint", default=None, help="whole-model checkpoint (tools/train.py)")
+    p.add_argument("--trust-checkpoint", action="store_true")
+    p.add_argument("--images", type=int, default=None, help="val images (default: all)")
+    p.add_argument("--out", default=str(REPO / "work_dirs" / "routing"))
+    args = p.parse_args(argv)
+    from mmengine.config import Config
+
+    if not Path(args.config).is_file():
+        print(f"routing_dump.py: error: config {args.config!r} does not exist", file=sys.stderr)
+        return 2
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        print(f"routing_dump.py: error: checkpoint {args.checkpoint!r} does not exist")
+        return 2
+    cfg = Config.fromfile(args.config)
+    trust = True if args.trust_checkpoint else None
+    dump = dump_all_tasks(cfg, args.checkpoint, args.images, trust=trust)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".routing.json.tmp"
+    tmp.write_text(json.dumps(dump) + "\n")
+    tmp.replace(out / "routing.json")
+    from mmseg_m3vit.engine.routing import plot_routing
+
+    loads = {t: np.asarray(v["float"]["load"]) for t, v in dump["load"].items()}
+    title = f"float model, {dump['images']} val frames" + (
+        "" if args.checkpoint else " (RANDOM WEIGHTS)"
+    )
+    plot_routing(loads, str(out / "expert_load.png"), title=title)
+    print(format_tables(dump))
+    print(f"wrote {out / 'routing.json'} and {out / 'expert_load.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
