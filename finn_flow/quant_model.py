@@ -65,10 +65,12 @@ class QuantSpec:
         attn_weight_bits: weights of the attention projections (q, k, v, proj); None:
             ``weight_bits``.
         int_bias: every bias of a learned linear layer (patch projection, q / k / v /
-            proj, dense and expert fc1 / fc2, router) is quantized to its accumulator
-            grid: scale = input scale x weight scale, 32-bit signed integer (Brevitas
-            ``Int32Bias``). The layer is then integer MACs + an integer bias, and the
-            quantizer after it one threshold table shared by all channels (see
+            proj, dense and expert fc1, dense fc2, router, the head's conv_seg; the
+            experts' fc2 bias is an 8-bit matrix applied to the gates) is quantized to
+            its accumulator grid: scale = input scale x weight scale, 32-bit signed
+            integer (Brevitas ``Int32Bias``). The layer is then integer MACs + an
+            integer bias, and the quantizer after it one threshold table shared by all
+            channels (see
             ``finn_flow/transforms.py`` SharedThresholdTable). False: float biases, which
             FINN folds into one threshold row per channel.
         fold_norm_affine: the affine part (gain, bias) of each block's two LayerNorms is
@@ -639,13 +641,14 @@ class QuantPUPHead(nn.Module):
             for i in range(num_up + 1)
         )
         self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_up + 1))
+        # the last ReLU feeds conv_seg, whose bias goes on its accumulator grid
         self.relus = nn.ModuleList(
             QuantReLU(
                 act_quant=Uint8ActPerTensorFloat,
                 bit_width=spec.act_bits,
-                return_quant_tensor=False,
+                return_quant_tensor=bool(spec.int_bias and i == num_up),
             )
-            for _ in range(num_up + 1)
+            for i in range(num_up + 1)
         )
         self.conv_seg = QuantConv2d(
             channels,
@@ -654,6 +657,7 @@ class QuantPUPHead(nn.Module):
             bias=True,
             weight_quant=Int8WeightPerTensorFloat,
             weight_bit_width=b,
+            bias_quant=Int32Bias if spec.int_bias else None,
             return_quant_tensor=False,
         )
         self.out_quant = _act(spec)

@@ -40,6 +40,8 @@ class StepRecords:
         pieces: per piece-wise step, the number of pieces and seconds per piece.
         non_hw_nodes: ``[name, op_type]`` of nodes that did not become HW layers.
         retyped_weights: MVAU/VVAU nodes whose {0, 1} weights were typed INT2.
+        snapped_thresholds: ``[MultiThreshold output, channels, snapped entries]`` of
+            each per-channel table made an exact integer shift of one row.
         shared_thresholds: ``[MultiThreshold output, channels]`` of each per-channel
             table rewritten as an integer bias + one shared table.
     """
@@ -48,6 +50,7 @@ class StepRecords:
     pieces: dict[str, dict[str, Any]] = field(default_factory=dict)
     non_hw_nodes: list[list[str]] = field(default_factory=list)
     retyped_weights: list[str] = field(default_factory=list)
+    snapped_thresholds: list[list[Any]] = field(default_factory=list)
     shared_thresholds: list[list[Any]] = field(default_factory=list)
 
     @staticmethod

@@ -159,16 +159,33 @@ def step_m3vit_verify_streamlined(model: ModelWrapper, cfg: M3ViTBuildConfig) ->
     return model
 
 
+def step_m3vit_snap_thresholds(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
+    """Per-channel thresholds that are integer shifts of one row up to float32 noise
+    (quantizers after a linear layer with its bias on the accumulator grid) are made
+    exact shifts (:class:`finn_flow.transforms.SharedThresholdTable`, snap mode); runs
+    before the streamlined graph is verified, so the verification sees the result."""
+    from finn_flow.transforms import SharedThresholdTable
+
+    snap = SharedThresholdTable(rewrite=False)
+    model = model.transform(snap)
+    records = StepRecords.load(cfg.output_dir)
+    records.snapped_thresholds = [list(r) for r in snap.rewritten]
+    records.save(cfg.output_dir)
+    moved = sum(r[2] for r in snap.rewritten)
+    print(f"[thresholds] {len(snap.rewritten)} tables are integer shifts of one row "
+          f"({moved} float32-noise entries snapped)")  # fmt: skip
+    return model
+
+
 def step_m3vit_shared_thresholds(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
-    """Per-channel thresholds that are integer shifts of one row (quantizers after a
-    linear layer with its bias on the accumulator grid) become an integer Add + one
-    shared table (:class:`finn_flow.transforms.SharedThresholdTable`; exact)."""
+    """Per-channel thresholds that are integer shifts of one row become an integer Add +
+    one shared table (:class:`finn_flow.transforms.SharedThresholdTable`; exact)."""
     from finn_flow.transforms import SharedThresholdTable
 
     rewrite = SharedThresholdTable()
     model = model.transform(rewrite)
     records = StepRecords.load(cfg.output_dir)
-    records.shared_thresholds = [[name, channels] for name, channels in rewrite.rewritten]
+    records.shared_thresholds = [[r[0], r[1]] for r in rewrite.rewritten]
     records.save(cfg.output_dir)
     print(f"[thresholds] {len(rewrite.rewritten)} per-channel tables -> one shared table each")
     return model
@@ -256,6 +273,7 @@ def build_steps(mode: str) -> list[Step]:
     steps: list[Step] = [
         step_m3vit_qonnx_to_finn,
         step_m3vit_streamline,
+        step_m3vit_snap_thresholds,
         step_m3vit_verify_streamlined,
         step_m3vit_shared_thresholds,
         step_m3vit_convert_to_hw,

@@ -55,14 +55,14 @@ def test_integer_shifted_rows_become_bias_plus_one_row() -> None:
     from finn_flow.transforms import SharedThresholdTable
 
     rng = np.random.default_rng(0)
-    row = np.sort(rng.uniform(-400, 400, size=15))  # non-integer thresholds
+    row = np.sort(rng.uniform(-400, 400, size=15)) + 0.25  # non-integer thresholds
     shifts = rng.integers(-300, 300, size=8)
     shifts[0] = 0
     thr = row[None, :] + shifts[:, None]
     model = _mt_graph(thr)
     pass_ = SharedThresholdTable()
     new = model.transform(pass_)
-    assert pass_.rewritten == [("y", 8)]
+    assert pass_.rewritten == [("y", 8, 0)]
     assert [n.op_type for n in new.graph.node] == ["Add", "MultiThreshold"]
     assert new.get_initializer(new.graph.node[1].input[1]).shape == (1, 15)
     const = new.get_initializer(new.graph.node[0].input[1])
@@ -113,3 +113,57 @@ def test_identical_rows_need_no_bias() -> None:
     assert [n.op_type for n in new.graph.node] == ["MultiThreshold"]
     x = np.arange(-30, 30, dtype=np.float64)[:24].reshape(1, 6, 4)
     np.testing.assert_array_equal(_run(new, x), _naive(x, np.stack([row] * 4), -7.0))
+
+
+def test_float32_noise_near_integers_is_snapped_to_the_majority() -> None:
+    """Rows that are integer shifts up to float32 noise: where a threshold sits on an
+    integer, noise puts ceil() on either side in different channels. Snapping takes the
+    majority, counts the moved entries, and the rewritten layer equals the snapped
+    per-channel thresholds exactly (and differs from the noisy ones only at those
+    thresholds)."""
+    from finn_flow.transforms import SharedThresholdTable, shared_row_and_shifts
+
+    rng = np.random.default_rng(1)
+    row = np.arange(15, dtype=np.float64) * 161.37 - 1200.0  # row[0] lies on an integer
+    shifts = rng.integers(-300, 300, size=6)
+    noise = rng.uniform(-2e-3, 2e-3, size=(6, 15))
+    thr = row[None, :] + shifts[:, None] + noise
+    thr[:, 0] = row[0] + shifts + np.array([1, -1, -1, -1, 1, -1]) * 1e-3  # on an integer
+    split = shared_row_and_shifts(thr.astype(np.float32))
+    assert split is not None
+    np.testing.assert_array_equal(split.shifts, shifts - shifts[0])
+    col = np.ceil(thr[:, 0] - shifts).astype(int)  # 4 channels at -1200, 2 at -1199
+    assert sorted(col.tolist()) == [-1200] * 4 + [-1199] * 2
+    assert split.row[0] == -1200 + shifts[0]  # the majority (row is channel 0's)
+    assert split.snapped >= 2
+    snapped = split.per_channel
+    model = _mt_graph(snapped)
+    new = model.transform(SharedThresholdTable())
+    x = rng.integers(-2000, 2000, size=(1, 6, 6)).astype(np.float64)
+    x[0, 0] = snapped[:, 0]  # right on the snapped thresholds
+    np.testing.assert_array_equal(_run(new, x), _naive(x, snapped, -7.0))
+    # noisy vs snapped: different only where x sits on a moved threshold
+    diff = _naive(x, thr, -7.0) != _naive(x, snapped, -7.0)
+    assert diff.sum() <= split.snapped
+
+
+def test_snap_mode_keeps_one_row_per_channel() -> None:
+    from finn_flow.transforms import SharedThresholdTable
+
+    row = np.arange(15, dtype=np.float64) * 7.5 + 0.5
+    thr = np.stack([row, row + 3, row - 11])
+    pass_ = SharedThresholdTable(rewrite=False)
+    new = _mt_graph(thr).transform(pass_)
+    assert [n.op_type for n in new.graph.node] == ["MultiThreshold"]
+    got = new.get_initializer(new.graph.node[0].input[1])
+    np.testing.assert_array_equal(got, np.ceil(thr))
+    assert pass_.rewritten == [("y", 3, 0)]
+
+
+def test_single_threshold_rows_are_left_alone() -> None:
+    """Comparators with one threshold per channel gain nothing from a shared table."""
+    from finn_flow.transforms import SharedThresholdTable
+
+    pass_ = SharedThresholdTable()
+    new = _mt_graph(np.array([[0.5], [3.5], [-2.5]])).transform(pass_)
+    assert pass_.rewritten == [] and len(new.graph.node) == 1
