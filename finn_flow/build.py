@@ -118,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bits", type=int, default=None, help="weight and activation bits (None: fpga.bits)"
     )
     p.add_argument(
+        "--attn-bits",
+        type=int,
+        default=None,
+        help="weight bits of the attention projections q / k / v / proj (None: "
+        "fpga.attn_weight_bits, else --bits)",
+    )
+    p.add_argument(
         "--calib-images",
         type=int,
         default=None,
@@ -180,6 +187,8 @@ def check_inputs(args: argparse.Namespace, cfg: Any) -> Path:
         fail(f"folding JSON {args.folding!r} does not exist")
     if args.bits is not None and not 2 <= args.bits <= 16:
         fail(f"--bits must be in [2, 16], got {args.bits}")
+    if args.attn_bits is not None and not 2 <= args.attn_bits <= 16:
+        fail(f"--attn-bits must be in [2, 16], got {args.attn_bits}")
     if args.jobs < 0:
         fail(f"--jobs must be >= 0 (0: no worker processes), got {args.jobs}")
     if args.piece_nodes < 1:
@@ -258,6 +267,45 @@ def compare_float_quant(cfg: Any, fp: Any, qmodel: Any, frames: list, note: str)
     }
 
 
+def route_val_frames(cfg: Any, fp: Any, qmodel: Any, size: tuple, out: Path) -> Any:
+    """The task's routing on the val frames (``fpga.val_images``, default all) by the
+    float model and by the quantized pathway, written to ``<out>/routing.json``; returns
+    the agreement, per layer and overall, and each model's expert load and entropy (a
+    report: without val data it says why and the build goes on)."""
+    from finn_flow import routing_dump as rd
+    from finn_flow.evaluate import ValDataError, val_frames
+    from finn_flow.quant_model import patchify
+
+    patch = fp.backbone.patch_size
+    try:
+        images = [img for img, _, _ in val_frames(cfg, size, cfg.fpga.get("val_images"))]
+    except ValDataError as err:
+        return f"not computed: {err}"
+    if not fp.moe_layers():
+        return "no MoE layers"
+    dump = rd.routing_dump(
+        images,
+        [fp.task],
+        lambda img, task: rd.float_routing(fp.backbone, img, task),
+        lambda img, task: rd.quant_routing(qmodel.pathway, patchify(img, patch)),
+    )
+    dump["load"] = rd.load_report(dump, fp.moe_layers()[0].num_experts)
+    dump["images"] = len(images)
+    write_atomic(out / "routing.json", json.dumps(dump) + "\n")
+    entry, load = dump["tasks"][fp.task], dump["load"][fp.task]
+    print(f"[build] routing on {len(images)} val frames: " + rd.format_tables(dump))
+    return {
+        "images": len(images),
+        "file": "routing.json",
+        "agreement": dump["agreement"],
+        "per_layer": entry["per_layer"],
+        "float_entropy_bits": load["float"]["entropy_bits"],
+        "quantized_entropy_bits": load["quantized"]["entropy_bits"],
+        "max_entropy_bits": load["float"]["max_entropy_bits"],
+        "float_load": load["float"]["load"],
+    }
+
+
 def run_steps(model_path: Path, cfg: Any, steps: list) -> dict[str, float]:
     """Run ``steps`` in order on the model at ``model_path``, saving each step's model
     under ``<cfg.output_dir>/intermediate_models``; returns seconds per step."""
@@ -322,7 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         # 1-2. float model, its Brevitas mirror, calibration, float vs quantized
         trust = True if args.trust_checkpoint else None  # None: M3VIT_TRUST_CHECKPOINT
         fp = build_float_pathway(cfg, args.task, args.checkpoint, args.seed, trust)
-        spec = qm.QuantSpec(weight_bits=bits, act_bits=bits, prob_bits=8)
+        spec = qm.QuantSpec(
+            weight_bits=bits,
+            act_bits=bits,
+            prob_bits=8,
+            attn_weight_bits=args.attn_bits or fpga.get("attn_weight_bits"),
+            int_bias=bool(fpga.get("int_bias", True)),
+            fold_norm_affine=bool(fpga.get("fold_norm_affine", True)),
+        )
         qmodel = qm.build_quant_task_model(fp.backbone, fp.head, args.task, spec, size)
         patch = fp.backbone.patch_size
         n_cal = args.calib_images or int(fpga.get("calib_images", 8))
@@ -331,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["calibration"] = frames_note
         summary["quantization"] = report.quantization_summary(spec)
         summary["float_vs_quant"] = compare_float_quant(cfg, fp, qmodel, frames, frames_note)
+        summary["routing"] = route_val_frames(cfg, fp, qmodel, size, out)
         summary["pathway"] = report.pathway_summary(
             qmodel.pathway.dims, args.task, fp.head, qmodel.head.extra, qmodel.head.out_hw,
             size, bits,
@@ -395,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["pieces"] = {"jobs": args.jobs, "min_nodes": args.piece_nodes,
                              "steps": records.pieces}  # fmt: skip
         summary["resources"] = report.collect_resources(final, report_dir)
+        summary["resources"]["budget"] = report.budget_check(
+            summary["resources"]["total"], board["capacity"]
+        )
         summary["performance"] = report.performance(
             report_dir, clock_ns, x.numel() * bits / 8, y.numel() * bits / 8
         )

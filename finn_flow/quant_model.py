@@ -65,14 +65,14 @@ class QuantSpec:
         attn_weight_bits: weights of the attention projections (q, k, v, proj); None:
             ``weight_bits``.
         int_bias: every bias of a learned linear layer (patch projection, q / k / v /
-            proj, dense and expert fc1, dense fc2, router, the head's conv_seg; the
-            experts' fc2 bias is an 8-bit matrix applied to the gates) is quantized to
-            its accumulator grid: scale = input scale x weight scale, 32-bit signed
-            integer (Brevitas ``Int32Bias``). The layer is then integer MACs + an
-            integer bias, and the quantizer after it one threshold table shared by all
-            channels (see
-            ``finn_flow/transforms.py`` SharedThresholdTable). False: float biases, which
-            FINN folds into one threshold row per channel.
+            proj, dense and expert fc1, dense fc2, router) is quantized to its
+            accumulator grid: scale = input scale x weight scale, 32-bit signed integer
+            (Brevitas ``Int32Bias``). The layer is then integer MACs + an integer bias,
+            and the quantizer after it one threshold table shared by all channels (see
+            ``finn_flow/transforms.py`` SharedThresholdTable). Not here: the experts'
+            fc2 bias (an 8-bit matrix applied to the gates, already integer) and the
+            head's conv_seg (C classes; qonnx cannot extract a quantized conv bias).
+            False: float biases, which FINN folds into one threshold row per channel.
         fold_norm_affine: the affine part (gain, bias) of each block's two LayerNorms is
             folded into the linear layers that read them (q / k / v; dense fc1; router
             and expert fc1), so that the quantizers after the LayerNorms see the
@@ -641,23 +641,21 @@ class QuantPUPHead(nn.Module):
             for i in range(num_up + 1)
         )
         self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_up + 1))
-        # the last ReLU feeds conv_seg, whose bias goes on its accumulator grid
         self.relus = nn.ModuleList(
             QuantReLU(
                 act_quant=Uint8ActPerTensorFloat,
                 bit_width=spec.act_bits,
-                return_quant_tensor=bool(spec.int_bias and i == num_up),
+                return_quant_tensor=False,
             )
-            for i in range(num_up + 1)
+            for _ in range(num_up + 1)
         )
         self.conv_seg = QuantConv2d(
             channels,
             num_classes,
             1,
-            bias=True,
+            bias=True,  # float bias: qonnx's ExtractBiasFromConv fails on a quantized one
             weight_quant=Int8WeightPerTensorFloat,
             weight_bit_width=b,
-            bias_quant=Int32Bias if spec.int_bias else None,
             return_quant_tensor=False,
         )
         self.out_quant = _act(spec)

@@ -31,6 +31,95 @@ STEPS_NOT_RUN = {
 }
 
 
+#: Utilisation a design may reach and still be called a fit (room for FIFOs, control,
+#: routing and the estimates' error): BRAM_18K 90 %, URAM 95 %, LUT and DSP 70 %.
+FIT_BUDGET = {"LUT": 0.70, "BRAM_18K": 0.90, "URAM": 0.95, "DSP": 0.70}
+
+
+def budget_check(total: dict[str, float], capacity: dict[str, float]) -> dict[str, Any]:
+    """Utilisation of each budgeted resource against :data:`FIT_BUDGET`.
+
+    Returns ``{"fits": bool, "resources": {key: {"used", "capacity", "utilisation",
+    "limit", "within"}}}``.
+    """
+    out = {}
+    for key, limit in FIT_BUDGET.items():
+        util = total[key] / capacity[key]
+        out[key] = {
+            "used": total[key],
+            "capacity": capacity[key],
+            "utilisation": util,
+            "limit": limit,
+            "within": bool(util <= limit),
+        }
+    return {"fits": all(v["within"] for v in out.values()), "resources": out}
+
+
+#: The part-1 build of the default 6-block config (2026-11-28, 2 CPU cores, random
+#: weights: all biases 0, LayerNorms at identity), as recorded in the README's FPGA
+#: section; the reference of SUMMARY.md's "what changed since part 1" table.
+PART1_REFERENCE: dict[str, Any] = {
+    "weights": "random (no trained FPGA model existed)",
+    "biases / LayerNorm affine": "float, folded by FINN into one threshold row per channel",
+    "MoE": "stand-in: all 16 experts computed, all expert weights on chip",
+    "thresholding cost": "finn-plus's estimator: one table per channel",
+    "weight memories": "all MVAUs ram_style auto (BRAM), URAM unused",
+    "LUT %": 1608.0,
+    "BRAM_18K %": 457.0,
+    "URAM %": 0.0,
+    "DSP %": 40.0,
+    "FPS @ 200 MHz": 32.3,
+    "latency ms": 379.0,
+    "HW-layer verification, max LSB": "15 (1 image)",
+    "build seconds (2 cores)": 311.0,
+}
+
+
+def changes_since_part1(summary: dict[str, Any]) -> list[str]:
+    """Markdown table: :data:`PART1_REFERENCE` beside this build's figures."""
+    res, cap = summary.get("resources"), summary.get("board_capacity")
+    if not res or not cap:
+        return []
+    perf = summary.get("performance") or {}
+    thr = res.get("thresholds") or {}
+    quant = summary.get("quantization") if isinstance(summary.get("quantization"), dict) else {}
+    layers = res.get("layers", [])
+    mvau = [lay for lay in layers if lay["op_type"].startswith("MVAU")]
+    in_uram = sum(1 for lay in mvau if lay.get("URAM", 0) > 0)
+    ver = [v for v in summary.get("verification") or [] if v.get("stage") == "hw_layers"]
+    now: dict[str, Any] = {
+        "weights": "trained checkpoint" if summary.get("checkpoint") else "random",
+        "biases / LayerNorm affine": (
+            "biases on the accumulator grid, LayerNorm affine folded into the next linear"
+            if quant.get("int_bias") and quant.get("fold_norm_affine")
+            else f"int_bias={quant.get('int_bias')}, fold_norm_affine="
+            f"{quant.get('fold_norm_affine')}"
+        ),
+        "MoE": (summary.get("pathway") or {}).get("moe_form", "-"),
+        "thresholding cost": (
+            f"as generated: {thr.get('shared', 0)} of {thr.get('tables', 0)} layers with one "
+            f"shared table, {thr.get('threshold_bits', 0) / 1e6:.2f} Mbit"
+        ),
+        "weight memories": f"{in_uram} of {len(mvau)} MVAUs in URAM, the rest BRAM",
+        "FPS @ 200 MHz": perf.get("throughput_fps"),
+        "latency ms": perf.get("latency_ms"),
+        "HW-layer verification, max LSB": (
+            f"{max(v['max_error_lsb'] for v in ver):.3g}" if ver else "-"
+        ),
+        "build seconds (2 cores)": summary.get("seconds"),
+    }
+    for key in RESOURCE_KEYS:
+        if key != "FF":
+            now[f"{key} %"] = 100.0 * res["total"][key] / cap[key]
+    lines = ["| | part 1 | this build |", "|---|---|---|"]
+    for key, before in PART1_REFERENCE.items():
+        after = now.get(key, "-")
+        if isinstance(after, float):
+            after = f"{after:.1f}"
+        lines.append(f"| {key} | {before} | {after} |")
+    return lines
+
+
 @dataclass
 class StepRecords:
     """What the steps found, kept in ``<output_dir>/report/m3vit_steps.json``.
@@ -367,6 +456,28 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
                 lines.append("- (random weights: the metric describes an untrained model)")
         elif val:
             lines.append(f"- val metric: {val}")
+    rt = summary.get("routing")
+    if isinstance(rt, dict):
+        a = rt["agreement"]
+        lines += ["", "## Routing: float model vs quantized pathway", ""]
+        lines.append(
+            f"{rt['images']} val frames, every token and MoE layer ({rt['file']} has the "
+            f"expert ids and gates): same expert set **{a['set']:.1f} %**, same top-1 "
+            f"{a['top1']:.1f} %, same expert per slot {a['slots']:.1f} %, mean |gate "
+            f"difference| {a['gate_abs_diff']:.4f}"
+        )
+        head = (
+            "| MoE layer | same set % | same top-1 % | load entropy float / quantized "
+            f"(bits, max {rt['max_entropy_bits']:.2f}) |"
+        )
+        lines += ["", head, "|---|---|---|---|"]
+        for i, pl in enumerate(rt["per_layer"]):
+            lines.append(
+                f"| {i} | {pl['set']:.1f} | {pl['top1']:.1f} | "
+                f"{rt['float_entropy_bits'][i]:.2f} / {rt['quantized_entropy_bits'][i]:.2f} |"
+            )
+    elif rt:
+        lines += ["", f"- routing: {rt}"]
     res = summary.get("resources")
     if res:
         cap = summary["board_capacity"]
@@ -377,6 +488,25 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
             "| utilisation | "
             + " | ".join(f"{100 * res['total'][k] / cap[k]:.1f}%" for k in RESOURCE_KEYS)
         )
+        bud = res.get("budget")
+        if bud:
+            verdict = "**fits**" if bud["fits"] else "**does not fit**"
+            parts = ", ".join(
+                f"{k} {100 * v['utilisation']:.1f} % (limit {100 * v['limit']:.0f} %"
+                f"{'' if v['within'] else ', OVER'})"
+                for k, v in bud["resources"].items()
+            )
+            lines += ["", f"Budget: {verdict} the board: {parts}."]
+        thr = res.get("thresholds")
+        if thr:
+            fe = thr["finn_plus_estimate"]
+            lines += [
+                "",
+                f"Thresholding: {thr['tables']} RTL layers, {thr['shared']} with one shared "
+                f"table, {thr['threshold_bits'] / 1e6:.3f} Mbit of thresholds as generated "
+                f"(finn-plus's estimator, which charges one table per channel: LUT "
+                f"{fe['LUT']:.0f}, BRAM_18K {fe['BRAM_18K']:.0f}, URAM {fe['URAM']:.0f}).",
+            ]
         lines += ["", "Per layer (source: finn-plus estimate or own cost model):", ""]
         lines += ["| layer | op | cycles | LUT | BRAM_18K | DSP | source |", "|---" * 7 + "|"]
         for layer in res["layers"]:
@@ -385,6 +515,12 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
                 f"{layer['LUT']:.0f} | {layer['BRAM_18K']:.0f} | {layer['DSP']:.0f} | "
                 f"{layer['source']} |"
             )
+    change = changes_since_part1(summary)
+    if change:
+        lines += ["", "## What changed since part 1", ""]
+        lines += ["Part 1: " + str(PART1_REFERENCE["weights"]) + "; see finn_flow/report.py "
+                  "PART1_REFERENCE for where its figures come from.", ""]  # fmt: skip
+        lines += change
     perf = summary.get("performance")
     if perf:
         lines += ["", "## Performance (estimates)", ""]
