@@ -133,6 +133,8 @@ class StepRecords:
             each per-channel table made an exact integer shift of one row.
         shared_thresholds: ``[MultiThreshold output, channels]`` of each per-channel
             table rewritten as an integer bias + one shared table.
+        integer_biases: outputs of the float bias adds moved onto the integer
+            accumulator (before the layer's scale).
     """
 
     verification: list[dict[str, Any]] = field(default_factory=list)
@@ -141,6 +143,7 @@ class StepRecords:
     retyped_weights: list[str] = field(default_factory=list)
     snapped_thresholds: list[list[Any]] = field(default_factory=list)
     shared_thresholds: list[list[Any]] = field(default_factory=list)
+    integer_biases: list[str] = field(default_factory=list)
 
     @staticmethod
     def path(output_dir: str | os.PathLike[str]) -> Path:

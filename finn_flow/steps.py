@@ -178,16 +178,25 @@ def step_m3vit_snap_thresholds(model: ModelWrapper, cfg: M3ViTBuildConfig) -> Mo
 
 
 def step_m3vit_shared_thresholds(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
-    """Per-channel thresholds that are integer shifts of one row become an integer Add +
-    one shared table (:class:`finn_flow.transforms.SharedThresholdTable`; exact)."""
-    from finn_flow.transforms import SharedThresholdTable
+    """Integer arithmetic where the biases are integers: per-channel thresholds that are
+    integer shifts of one row become an integer Add + one shared table
+    (:class:`finn_flow.transforms.SharedThresholdTable`; exact), and biases on the grid of
+    a layer whose output goes on in float are added to the integer accumulator before its
+    scale (:class:`finn_flow.transforms.IntegerBiasBeforeScale`)."""
+    from finn_flow.transforms import IntegerBiasBeforeScale, SharedThresholdTable
 
     rewrite = SharedThresholdTable()
     model = model.transform(rewrite)
+    move = IntegerBiasBeforeScale()
+    model = model.transform(move)
     records = StepRecords.load(cfg.output_dir)
     records.shared_thresholds = [[r[0], r[1]] for r in rewrite.rewritten]
+    records.integer_biases = list(move.moved)
     records.save(cfg.output_dir)
-    print(f"[thresholds] {len(rewrite.rewritten)} per-channel tables -> one shared table each")
+    print(
+        f"[thresholds] {len(rewrite.rewritten)} per-channel tables -> one shared table each; "
+        f"{len(move.moved)} float biases -> integer adds before the scale"
+    )
     return model
 
 

@@ -359,3 +359,70 @@ class SharedThresholdTable(Transformation):
             model = model.transform(InferDataTypes())
             model = model.transform(GiveUniqueNodeNames())
         return model, False
+
+
+class IntegerBiasBeforeScale(Transformation):
+    """``Add(Mul(acc, s), c)`` with ``c / s`` integer -> ``Mul(Add(acc, c / s), s)``.
+
+    A linear layer whose bias lies on its accumulator grid but whose output goes on in
+    float (the attention output projection and the dense fc2, summed into the residual
+    stream) streamlines into an integer accumulator, a scalar dequantisation ``Mul`` and a
+    per-channel float bias ``Add``. Moving the bias before the scale makes it an integer
+    add of the accumulator (a narrow integer adder instead of a float32 one); the value is
+    the same up to float32 rounding of the final product (``(acc + n) * s`` instead of
+    ``acc * s + n * s``). Only applied when ``acc`` is an integer tensor, ``s`` a positive
+    scalar constant read by this Mul alone and ``c / s`` within ``rel_tol`` of integers
+    (relative to its largest magnitude). ``self.moved`` lists the Add outputs afterwards.
+    """
+
+    def __init__(self, rel_tol: float = SHIFT_REL_TOL) -> None:
+        super().__init__()
+        self.rel_tol = rel_tol
+        self.moved: list[str] = []
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        """Move every matching bias in one pass; returns (model, False)."""
+        graph = model.graph
+        for add in list(graph.node):
+            if add.op_type != "Add" or len(add.input) != 2:
+                continue
+            c = model.get_initializer(add.input[1])
+            mul = model.find_producer(add.input[0])
+            if c is None or mul is None or mul.op_type != "Mul":
+                continue
+            s = model.get_initializer(mul.input[1])
+            acc = mul.input[0]
+            if s is None or s.size != 1 or float(s.reshape(-1)[0]) <= 0:
+                continue
+            if not model.get_tensor_datatype(acc).is_integer():
+                continue
+            if len(model.find_consumers(mul.output[0]) or []) != 1:
+                continue
+            n = np.asarray(c, dtype=np.float64) / float(s.reshape(-1)[0])
+            tol = self.rel_tol * max(1.0, float(np.abs(n).max()))
+            if np.any(np.abs(n - np.round(n)) > tol):
+                continue
+            n = np.round(n).astype(np.float32)
+            lo, hi = int(n.min()), int(n.max())
+            nname = model.make_new_valueinfo_name()
+            model.set_initializer(nname, n)
+            model.set_tensor_datatype(
+                nname, DataType.get_smallest_possible(lo if -lo > hi else -hi - 1)
+            )
+            shifted = model.make_new_valueinfo_name()
+            out, dead = add.output[0], mul.output[0]
+            new_add = helper.make_node("Add", [acc, nname], [shifted])
+            graph.node.insert(list(graph.node).index(mul), new_add)
+            model.set_tensor_shape(shifted, model.get_tensor_shape(acc))
+            model.set_tensor_datatype(shifted, DataType["INT32"])
+            mul.input[0] = shifted
+            mul.output[0] = out
+            graph.node.remove(add)
+            for vi in [v for v in graph.value_info if v.name == dead]:
+                graph.value_info.remove(vi)
+            self.moved.append(out)
+        if self.moved:
+            model = model.transform(InferShapes())
+            model = model.transform(InferDataTypes())
+            model = model.transform(GiveUniqueNodeNames())
+        return model, False

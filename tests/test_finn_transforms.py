@@ -167,3 +167,67 @@ def test_single_threshold_rows_are_left_alone() -> None:
     pass_ = SharedThresholdTable()
     new = _mt_graph(np.array([[0.5], [3.5], [-2.5]])).transform(pass_)
     assert pass_.rewritten == [] and len(new.graph.node) == 1
+
+
+def _scale_bias_graph(scale: float, bias: np.ndarray, consumers: int = 1):
+    """acc (1, 6, C) INT20 -> Mul(scale) -> Add(bias) -> y (+ a second reader of the Mul)."""
+    from onnx import TensorProto, helper
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.util.basic import qonnx_make_model
+
+    c = bias.size
+    nodes = [
+        helper.make_node("Mul", ["acc", "s"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["y"]),
+    ]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, c])]
+    if consumers > 1:
+        nodes.append(helper.make_node("Relu", ["m"], ["z"]))
+        outs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 6, c]))
+    inp = helper.make_tensor_value_info("acc", TensorProto.FLOAT, [1, 6, c])
+    model = ModelWrapper(qonnx_make_model(helper.make_graph(nodes, "g", [inp], outs)))
+    model.set_tensor_datatype("acc", DataType["INT20"])
+    model.set_initializer("s", np.array(scale, dtype=np.float32))
+    model.set_initializer("b", bias.astype(np.float32))
+    return model.transform(InferShapes()).transform(InferDataTypes())
+
+
+def test_bias_on_the_grid_moves_before_the_scale() -> None:
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from finn_flow.transforms import IntegerBiasBeforeScale
+
+    rng = np.random.default_rng(2)
+    s = 3.4279824e-06
+    n = rng.integers(-40000, 40000, size=12)
+    model = _scale_bias_graph(s, (n * np.float64(s)).astype(np.float32))
+    move = IntegerBiasBeforeScale()
+    new = model.transform(move)
+    assert move.moved == ["y"]
+    assert [x.op_type for x in new.graph.node] == ["Add", "Mul"]
+    add = new.graph.node[0]
+    np.testing.assert_array_equal(new.get_initializer(add.input[1]), n)
+    assert new.get_tensor_datatype(add.input[1]).is_integer()
+    x = rng.integers(-(2**19), 2**19, size=(1, 6, 12)).astype(np.float32)
+    ref = (x.astype(np.float64) + n) * s  # exact real value
+    got = execute_onnx(new, {"acc": x})["y"]
+    old = execute_onnx(model, {"acc": x})["y"]
+    np.testing.assert_allclose(got, ref, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(old, ref, rtol=2e-6, atol=1e-9)
+
+
+def test_bias_off_the_grid_or_shared_scale_is_left_alone() -> None:
+    from finn_flow.transforms import IntegerBiasBeforeScale
+
+    s = 0.01
+    off = _scale_bias_graph(s, np.array([0.015, 0.02, 0.03]))  # 1.5 steps: not integer
+    move = IntegerBiasBeforeScale()
+    off.transform(move)
+    assert move.moved == []
+    shared = _scale_bias_graph(s, np.array([0.01, 0.02, 0.03]), consumers=2)
+    move = IntegerBiasBeforeScale()
+    shared.transform(move)
+    assert move.moved == []
