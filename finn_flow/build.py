@@ -137,6 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bits", type=int, default=None, help="weight and activation bits (None: fpga.bits)"
     )
     p.add_argument(
+        "--attn-bits",
+        type=int,
+        default=None,
+        help="weight bits of the attention projections q / k / v / proj (None: "
+        "fpga.attn_weight_bits, else --bits)",
+    )
+    p.add_argument(
         "--calib-images",
         type=int,
         default=None,
@@ -214,6 +221,8 @@ def check_inputs(args: argparse.Namespace, cfg: Any) -> Path:
         fail(f"folding JSON {args.folding!r} does not exist")
     if args.bits is not None and not 2 <= args.bits <= 16:
         fail(f"--bits must be in [2, 16], got {args.bits}")
+    if args.attn_bits is not None and not 2 <= args.attn_bits <= 16:
+        fail(f"--attn-bits must be in [2, 16], got {args.attn_bits}")
     if args.jobs < 0:
         fail(f"--jobs must be >= 0 (0: no worker processes), got {args.jobs}")
     if args.max_lsb is not None and not args.max_lsb >= 0:
@@ -319,6 +328,45 @@ def compare_float_quant(cfg: Any, fp: Any, qmodel: Any, frames: list, note: str)
     }
 
 
+def route_val_frames(cfg: Any, fp: Any, qmodel: Any, size: tuple, out: Path) -> Any:
+    """The task's routing on the val frames (``fpga.val_images``, default all) by the
+    float model and by the quantized pathway, written to ``<out>/routing.json``; returns
+    the agreement, per layer and overall, and each model's expert load and entropy (a
+    report: without val data it says why and the build goes on)."""
+    from finn_flow import routing_dump as rd
+    from finn_flow.evaluate import ValDataError, val_frames
+    from finn_flow.quant_model import patchify
+
+    patch = fp.backbone.patch_size
+    try:
+        images = [img for img, _, _ in val_frames(cfg, size, cfg.fpga.get("val_images"))]
+    except ValDataError as err:
+        return f"not computed: {err}"
+    if not fp.moe_layers():
+        return "no MoE layers"
+    dump = rd.routing_dump(
+        images,
+        [fp.task],
+        lambda img, task: rd.float_routing(fp.backbone, img, task),
+        lambda img, task: rd.quant_routing(qmodel.pathway, patchify(img, patch)),
+    )
+    dump["load"] = rd.load_report(dump, fp.moe_layers()[0].num_experts)
+    dump["images"] = len(images)
+    write_atomic(out / "routing.json", json.dumps(dump) + "\n")
+    entry, load = dump["tasks"][fp.task], dump["load"][fp.task]
+    print(f"[build] routing on {len(images)} val frames: " + rd.format_tables(dump))
+    return {
+        "images": len(images),
+        "file": "routing.json",
+        "agreement": dump["agreement"],
+        "per_layer": entry["per_layer"],
+        "float_entropy_bits": load["float"]["entropy_bits"],
+        "quantized_entropy_bits": load["quantized"]["entropy_bits"],
+        "max_entropy_bits": load["float"]["max_entropy_bits"],
+        "float_load": load["float"]["load"],
+    }
+
+
 def run_steps(model_path: Path, cfg: Any, steps: list, times: dict[str, float]) -> None:
     """Run ``steps`` in order on the model at ``model_path``, saving each step's model
     under ``<cfg.output_dir>/intermediate_models``; ``times`` gets the seconds of every
@@ -389,7 +437,14 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in fp.meta.items()
             if isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= 200)
         }
-        spec = qm.QuantSpec(weight_bits=bits, act_bits=bits, prob_bits=8)
+        spec = qm.QuantSpec(
+            weight_bits=bits,
+            act_bits=bits,
+            prob_bits=8,
+            attn_weight_bits=args.attn_bits or fpga.get("attn_weight_bits"),
+            int_bias=bool(fpga.get("int_bias", True)),
+            fold_norm_affine=bool(fpga.get("fold_norm_affine", True)),
+        )
         qmodel = qm.build_quant_task_model(fp.backbone, fp.head, args.task, spec, size)
         patch = fp.backbone.patch_size
         n_cal = args.calib_images or int(fpga.get("calib_images", 8))
@@ -406,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg, fp, qmodel, frames[:n_cal], frames_note
         )
         stage_seconds["float_vs_quant (val metric)"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        summary["routing"] = route_val_frames(cfg, fp, qmodel, size, out)
+        stage_seconds["routing (float vs quantized)"] = round(time.time() - t0, 1)
         summary["pathway"] = report.pathway_summary(
             qmodel.pathway.dims, args.task, fp.head, qmodel.head.extra, qmodel.head.out_hw,
             size, bits, args.moe,
@@ -478,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["pieces"] = {"jobs": args.jobs, "min_nodes": args.piece_nodes,
                              "steps": records.pieces}  # fmt: skip
         summary["resources"] = report.collect_resources(final, report_dir)
+        summary["resources"]["budget"] = report.budget_check(
+            summary["resources"]["total"], board["capacity"]
+        )
         summary["moe"] = report.moe_summary(
             args.moe, load_moe_reports(finn_dir), qmodel.pathway.dims, bits
         )

@@ -16,11 +16,19 @@ Assumptions (per unit of parallelism, "lane" = one element per cycle):
 - nearest-neighbour upsampling (head): one input row buffered (WI x C x bits, re-read
   HO/HI times) plus 100 LUT of counters; Crop / Reshape: 50 LUT of counters (pure
   stream pass-through).
+
+Thresholding (RTL) is re-estimated as finn-plus *generates* it
+(:func:`thresholding_rtl_as_generated`), not as its estimator charges it: the estimator
+sizes the table memories for ``NumChannels`` rows even where the code generator emits one
+shared row per PE (a threshold tensor with a single row gives ``C = PE`` in the generated
+``.v``), and it may place threshold memories in URAM, which the generated RTL only uses
+when ``depth_trigger_uram`` asks for it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 FLOAT_ADD = {"LUT": 400, "DSP": 2}
@@ -133,3 +141,130 @@ def own_estimate(op_type: str, inst: Any) -> dict[str, float] | None:
         "URAM": 0.0,
         "DSP": float(total.get("DSP", 0)),
     }
+
+
+# --------------------------------------------------------------------------- thresholding
+#: Memory primitives of UltraScale+ parts as (width, depth): BRAM_18K in its
+#: simple-dual-port / true-dual-port aspect ratios, LUTRAM as 64-deep single-bit RAMs
+#: (RAM64X1S). URAM (72 x 4096) only where the RTL asks for it (``ram_style`` ultra).
+BRAM18_SHAPES = ((36, 512), (18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384))
+URAM_SHAPE = (72, 4096)
+LUTRAM_SHAPE = (1, 64)
+
+
+def _fit(width: int, depth: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """(primitives, wasted bits) to hold a width x depth memory in ``shape`` blocks."""
+    pw, pd = shape
+    count = math.ceil(width / pw) * math.ceil(depth / pd)
+    return count, count * pw * pd - width * depth
+
+
+@dataclass(frozen=True)
+class ThresholdTable:
+    """What the finn-plus RTL thresholding generator emits for one layer.
+
+    Attributes:
+        channels: ``C`` of the generated ``.v``: ``NumChannels``, or ``PE`` when the
+            threshold tensor has a single row (one table shared by every channel).
+        pe: processing elements (``PE``). steps: thresholds per channel (``N``).
+        stages: binary-search stages ``M = clog2(N + 1)``; stage s holds
+            ``C / PE * 2^s`` entries per PE.
+        width: threshold bits (``WT``).
+        depth_trigger_uram / depth_trigger_bram: the node's memory-style triggers.
+    """
+
+    channels: int
+    pe: int
+    steps: int
+    stages: int
+    width: int
+    depth_trigger_uram: int = 0
+    depth_trigger_bram: int = 0
+
+    @property
+    def shared(self) -> bool:
+        """True when one table (per PE) serves every channel."""
+        return self.channels == self.pe
+
+    def stage_depth(self, stage: int) -> int:
+        """Entries of stage ``stage``'s memory in one PE (as the RTL's ``DEPTH``)."""
+        return (self.channels // self.pe) * 2**stage
+
+    @property
+    def words(self) -> int:
+        """Threshold entries stored over all PEs and stages: ``C * (2^M - 1)``."""
+        return sum(self.pe * self.stage_depth(s) for s in range(self.stages))
+
+    @property
+    def bits(self) -> int:
+        """Stored threshold bits (``words * WT``)."""
+        return self.words * self.width
+
+    def ram_style(self, stage: int) -> str:
+        """The RTL's ``RAM_STYLE`` for one stage (thresholding.sv's rule)."""
+        depth = self.stage_depth(stage)
+        if self.depth_trigger_uram and depth >= self.depth_trigger_uram:
+            return "ultra"
+        if self.depth_trigger_bram and depth >= self.depth_trigger_bram:
+            return "block"
+        return "distributed" if self.depth_trigger_bram else "auto"
+
+
+def threshold_table(model: Any, node: Any) -> ThresholdTable:
+    """The :class:`ThresholdTable` a ``Thresholding_rtl`` node generates (its ``.v``).
+
+    Mirrors ``Thresholding_rtl.prepare_codegen_rtl_values``: ``C = PE`` when the
+    threshold initializer has one row, else ``NumChannels``; ``N = numSteps``; ``WT``
+    the threshold datatype's bits.
+    """
+    from qonnx.custom_op.registry import getCustomOp
+
+    inst = getCustomOp(node)
+    pe = int(inst.get_nodeattr("PE"))
+    channels = int(inst.get_nodeattr("NumChannels"))
+    shape = model.get_tensor_shape(node.input[1])
+    if shape is not None and shape[0] == 1:
+        channels = pe
+    steps = int(inst.get_nodeattr("numSteps"))
+    return ThresholdTable(
+        channels=channels,
+        pe=pe,
+        steps=steps,
+        stages=max(math.ceil(math.log2(steps + 1)), 1),
+        width=int(inst.get_input_datatype(1).bitwidth()),
+        depth_trigger_uram=int(inst.get_nodeattr("depth_trigger_uram")),
+        depth_trigger_bram=int(inst.get_nodeattr("depth_trigger_bram")),
+    )
+
+
+def thresholding_rtl_as_generated(table: ThresholdTable) -> dict[str, float]:
+    """Resources of one RTL thresholding layer as generated (see :class:`ThresholdTable`).
+
+    Memories: each PE has one memory per stage (``WT`` bits x ``stage_depth``); its
+    primitive follows the stage's RAM style: ``ultra`` -> URAM, ``block`` -> the BRAM_18K
+    aspect ratio with the least waste, ``distributed`` -> LUTRAM, ``auto`` -> whichever of
+    BRAM_18K and LUTRAM wastes fewer bits (finn-plus's own rule, ties to BRAM; Vivado's
+    actual choice needs synthesis). Logic (finn-plus charges none): per PE and stage one
+    ``WT``-bit comparator, taken as ``WT`` LUTs, and as many FFs for its pipeline register.
+
+    Returns:
+        ``{'LUT', 'FF', 'BRAM_18K', 'URAM', 'DSP'}`` plus ``'threshold_bits'``.
+    """
+    res = {"LUT": 0.0, "FF": 0.0, "BRAM_18K": 0.0, "URAM": 0.0, "DSP": 0.0}
+    for stage in range(table.stages):
+        depth, width = table.stage_depth(stage), table.width
+        style = table.ram_style(stage)
+        if style == "ultra":
+            res["URAM"] += table.pe * _fit(width, depth, URAM_SHAPE)[0]
+            continue
+        bram = min((_fit(width, depth, s) for s in BRAM18_SHAPES), key=lambda cw: cw[1])
+        lutram = _fit(width, depth, LUTRAM_SHAPE)
+        if style == "block" or (style == "auto" and bram[1] <= lutram[1]):
+            res["BRAM_18K"] += table.pe * bram[0]
+        else:
+            res["LUT"] += table.pe * lutram[0]
+    logic = table.pe * table.stages * table.width
+    res["LUT"] += logic
+    res["FF"] += logic
+    res["threshold_bits"] = float(table.bits)
+    return res

@@ -51,6 +51,10 @@ class FloatPathway:
         """The task's ``PUPHead``."""
         return self.model.heads[self.task]
 
+    def moe_layers(self) -> list[nn.Module]:
+        """The ``MoEFFN`` of every MoE block, in block order."""
+        return [block.moe for block in self.backbone.blocks if block.is_moe]
+
     @torch.no_grad()
     def tokens(self, img: Tensor) -> Tensor:
         """img (1, 3, H, W) -> tokens (1, 1 + h*w, D) of the task's pathway."""

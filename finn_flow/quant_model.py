@@ -48,6 +48,7 @@ from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from brevitas.quant import (
     Int8ActPerTensorFloat,
     Int8WeightPerTensorFloat,
+    Int32Bias,
     SignedBinaryActPerTensorConst,
     Uint8ActPerTensorFloat,
 )
@@ -56,27 +57,61 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Bit widths of the quantized pathway.
+    """Bit widths and integer arithmetic of the quantized pathway.
 
     Attributes:
         weight_bits: weights of every learned linear layer (per-tensor scale).
         act_bits: activations between layers (signed, per-tensor scale, calibrated).
         prob_bits: softmax probabilities / MoE gates (unsigned, fixed scale 1/(2^b - 1)).
+        attn_weight_bits: weights of the attention projections (q, k, v, proj); None:
+            ``weight_bits``.
+        int_bias: every bias of a learned linear layer (patch projection, q / k / v /
+            proj, dense and expert fc1, dense fc2, router) is quantized to its
+            accumulator grid: scale = input scale x weight scale, 32-bit signed integer
+            (Brevitas ``Int32Bias``). The layer is then integer MACs + an integer bias,
+            and the quantizer after it one threshold table shared by all channels (see
+            ``finn_flow/transforms.py`` SharedThresholdTable). Not here: the experts'
+            fc2 bias (an 8-bit matrix applied to the gates, already integer) and the
+            head's conv_seg (C classes; qonnx cannot extract a quantized conv bias).
+            False: float biases, which FINN folds into one threshold row per channel.
+        fold_norm_affine: the affine part (gain, bias) of each block's two LayerNorms is
+            folded into the linear layers that read them (q / k / v; dense fc1; router
+            and expert fc1), so that the quantizers after the LayerNorms see the
+            normalised tokens and need one threshold table, not one per channel. The
+            head's LayerNorm keeps its affine part (its conv is zero-padded, so a folded
+            bias would be wrong at the borders).
     """
 
     weight_bits: int = 8
     act_bits: int = 8
     prob_bits: int = 8
+    attn_weight_bits: int | None = None
+    int_bias: bool = True
+    fold_norm_affine: bool = True
 
-    def as_dict(self) -> dict[str, int]:
+    @property
+    def attn_bits(self) -> int:
+        """Weight bits of the attention projections."""
+        return self.attn_weight_bits or self.weight_bits
+
+    def as_dict(self) -> dict[str, int | bool | None]:
         """JSON-serialisable form for build summaries."""
         return asdict(self)
 
 
-def _act(spec: QuantSpec, signed: bool = True) -> QuantIdentity:
-    """A calibrated per-tensor activation quantizer (returns plain tensors)."""
+def _act(spec: QuantSpec, signed: bool = True, feeds_int_bias: bool = False) -> QuantIdentity:
+    """A calibrated per-tensor activation quantizer.
+
+    Returns plain tensors, except where it feeds a linear layer whose bias is quantized
+    to the accumulator grid (``feeds_int_bias`` and ``spec.int_bias``): that bias
+    quantizer needs the input's scale, which travels in a Brevitas ``QuantTensor``.
+    """
     quant = Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat
-    return QuantIdentity(act_quant=quant, bit_width=spec.act_bits, return_quant_tensor=False)
+    return QuantIdentity(
+        act_quant=quant,
+        bit_width=spec.act_bits,
+        return_quant_tensor=bool(feeds_int_bias and spec.int_bias),
+    )
 
 
 def _const_act(bits: int, max_value: float) -> QuantIdentity:
@@ -97,13 +132,16 @@ def _sign_act() -> QuantIdentity:
     )
 
 
-def _linear(in_f: int, out_f: int, bias: bool, bits: int) -> QuantLinear:
+def _linear(in_f: int, out_f: int, bias: bool, bits: int, int_bias: bool = False) -> QuantLinear:
+    """QuantLinear with per-tensor weights; ``int_bias``: bias on the accumulator grid
+    (its input must come from an ``_act(..., feeds_int_bias=True)`` quantizer)."""
     return QuantLinear(
         in_f,
         out_f,
         bias=bias,
         weight_quant=Int8WeightPerTensorFloat,
         weight_bit_width=bits,
+        bias_quant=Int32Bias if (bias and int_bias) else None,
         return_quant_tensor=False,
     )
 
@@ -199,20 +237,20 @@ class QuantAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim**-0.5
-        b, nh, dh = spec.weight_bits, num_heads, self.head_dim
-        self.q_in = nn.ModuleList(_act(spec) for _ in range(nh))
-        self.k_in = nn.ModuleList(_act(spec) for _ in range(nh))
-        self.v_in = nn.ModuleList(_act(spec) for _ in range(nh))
-        self.q = nn.ModuleList(_linear(dim, dh, True, b) for _ in range(nh))
-        self.k = nn.ModuleList(_linear(dim, dh, True, b) for _ in range(nh))
-        self.v = nn.ModuleList(_linear(dim, dh, True, b) for _ in range(nh))
+        b, nh, dh, ib = spec.attn_bits, num_heads, self.head_dim, spec.int_bias
+        self.q_in = nn.ModuleList(_act(spec, feeds_int_bias=True) for _ in range(nh))
+        self.k_in = nn.ModuleList(_act(spec, feeds_int_bias=True) for _ in range(nh))
+        self.v_in = nn.ModuleList(_act(spec, feeds_int_bias=True) for _ in range(nh))
+        self.q = nn.ModuleList(_linear(dim, dh, True, b, ib) for _ in range(nh))
+        self.k = nn.ModuleList(_linear(dim, dh, True, b, ib) for _ in range(nh))
+        self.v = nn.ModuleList(_linear(dim, dh, True, b, ib) for _ in range(nh))
         self.q_quant = nn.ModuleList(_act(spec) for _ in range(nh))
         self.k_quant = nn.ModuleList(_act(spec) for _ in range(nh))
         self.v_quant = nn.ModuleList(_act(spec) for _ in range(nh))
         self.score_quant = nn.ModuleList(_act(spec) for _ in range(nh))
         self.prob_quant = nn.ModuleList(_const_act(spec.prob_bits, 1.0) for _ in range(nh))
-        self.out_quant = nn.ModuleList(_act(spec) for _ in range(nh))
-        self.proj = nn.ModuleList(_linear(dh, dim, h == 0, b) for h in range(nh))
+        self.out_quant = nn.ModuleList(_act(spec, feeds_int_bias=h == 0) for h in range(nh))
+        self.proj = nn.ModuleList(_linear(dh, dim, h == 0, b, ib) for h in range(nh))
 
     @torch.no_grad()
     def load_float(self, qkv_w: Tensor, qkv_b: Tensor, proj_w: Tensor, proj_b: Tensor) -> None:
@@ -245,12 +283,13 @@ class QuantMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, spec: QuantSpec) -> None:
         super().__init__()
-        self.in_quant = _act(spec)
-        self.fc1 = _linear(dim, hidden, True, spec.weight_bits)
+        b, ib = spec.weight_bits, spec.int_bias
+        self.in_quant = _act(spec, feeds_int_bias=True)
+        self.fc1 = _linear(dim, hidden, True, b, ib)
         self.pre_act = _act(spec)
         self.act = nn.GELU()
-        self.post_act = _act(spec)
-        self.fc2 = _linear(hidden, dim, True, spec.weight_bits)
+        self.post_act = _act(spec, feeds_int_bias=True)
+        self.fc2 = _linear(hidden, dim, True, b, ib)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (1, T, D) -> (1, T, D)."""
@@ -271,12 +310,13 @@ class QuantMoE(nn.Module):
         super().__init__()
         e, b = num_experts, spec.weight_bits
         self.num_experts, self.hidden = e, hidden
-        self.router_in = _act(spec)
-        self.router = _linear(dim, e, False, b)
+        # the router's bias is zero unless a LayerNorm bias was folded into it
+        self.router_in = _act(spec, feeds_int_bias=True)
+        self.router = _linear(dim, e, True, b, spec.int_bias)
         self.logit_quant = _act(spec)
         self.gate = QuantTopKGate(e, top_k, spec.prob_bits)
-        self.fc1_in = _act(spec)
-        self.fc1 = _linear(dim, e * hidden, True, b)
+        self.fc1_in = _act(spec, feeds_int_bias=True)
+        self.fc1 = _linear(dim, e * hidden, True, b, spec.int_bias)
         self.pre_act = _act(spec)
         self.act = nn.GELU()
         self.post_act = _act(spec)
@@ -301,6 +341,7 @@ class QuantMoE(nn.Module):
         """
         e, d, hd = w1.shape
         self.router.weight.copy_(router_w.t())
+        self.router.bias.zero_()
         self.fc1.weight.copy_(w1.permute(0, 2, 1).reshape(e * hd, d))
         self.fc1.bias.copy_(b1.reshape(e * hd))
         self.fc2.weight.copy_(w2.reshape(e * hd, d).t())
@@ -399,8 +440,10 @@ class QuantM3ViTPathway(nn.Module):
     def __init__(self, dims: PathwayDims, spec: QuantSpec) -> None:
         super().__init__()
         self.dims, self.spec = dims, spec
-        self.in_quant = _act(spec)
-        self.patch_embed = _linear(dims.patch_features, dims.dim, True, spec.weight_bits)
+        self.in_quant = _act(spec, feeds_int_bias=True)
+        self.patch_embed = _linear(
+            dims.patch_features, dims.dim, True, spec.weight_bits, spec.int_bias
+        )
         self.register_buffer("token_table", torch.zeros(1, dims.tokens, dims.dim))
         self.embed_quant = _act(spec)
         blocks = []
@@ -457,8 +500,11 @@ def load_backbone(qpath: QuantM3ViTPathway, backbone: nn.Module, task: str) -> N
     """Copy the float backbone's weights for ``task`` into ``qpath``.
 
     Each MoE layer's router for ``task`` comes from the router's public
-    ``task_gate_weight`` / ``task_logit_offset``; the mirror's router has no bias, so a
-    task whose router adds constant logits (the task-conditioned router) is refused.
+    ``task_gate_weight`` / ``task_logit_offset``; the mirror's router bias only ever
+    holds the folded LayerNorm bias, so a task whose router adds constant logits (the
+    task-conditioned router) is refused. With ``qpath.spec.fold_norm_affine`` the
+    blocks' LayerNorm affine parts are then folded into their readers
+    (:func:`fold_layernorm_affine`).
 
     Raises:
         ValueError: ``task`` is not one of the backbone's tasks, or its router has a
@@ -499,6 +545,38 @@ def load_backbone(qpath: QuantM3ViTPathway, backbone: nn.Module, task: str) -> N
             qb.ffn.fc1.bias.copy_(fb.mlp.fc1.bias)
             qb.ffn.fc2.weight.copy_(fb.mlp.fc2.weight)
             qb.ffn.fc2.bias.copy_(fb.mlp.fc2.bias)
+    if qpath.spec.fold_norm_affine:
+        fold_layernorm_affine(qpath)
+
+
+def _fold_affine_into(lin: nn.Linear, gain: Tensor, shift: Tensor) -> None:
+    """``lin(gain * v + shift) == lin'(v)``: W' = W diag(gain), b' = b + W shift."""
+    lin.bias.add_(lin.weight @ shift)
+    lin.weight.mul_(gain[None, :])
+
+
+@torch.no_grad()
+def fold_layernorm_affine(qpath: QuantM3ViTPathway) -> None:
+    """Fold the gain and bias of every block's LayerNorms into the layers that read them.
+
+    ``norm1`` feeds the q / k / v projections of every head, ``norm2`` the dense fc1 or
+    the MoE router and expert fc1; each reader gets ``W diag(gain)`` and ``b + W bias``
+    and the LayerNorm becomes a plain normalisation (gain 1, bias 0). The float
+    function is unchanged; the quantizers after the LayerNorms now see the normalised
+    tokens (one per-tensor scale suits every channel).
+    """
+    for qb in qpath.blocks:
+        g1, b1 = qb.norm1.weight.clone(), qb.norm1.bias.clone()
+        for lins in (qb.attn.q, qb.attn.k, qb.attn.v):
+            for lin in lins:
+                _fold_affine_into(lin, g1, b1)
+        g2, b2 = qb.norm2.weight.clone(), qb.norm2.bias.clone()
+        readers = [qb.ffn.fc1] + ([qb.ffn.router] if isinstance(qb.ffn, QuantMoE) else [])
+        for lin in readers:
+            _fold_affine_into(lin, g2, b2)
+        for norm in (qb.norm1, qb.norm2):
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
 
 
 @torch.no_grad()
@@ -576,7 +654,7 @@ class QuantPUPHead(nn.Module):
             channels,
             num_classes,
             1,
-            bias=True,
+            bias=True,  # float bias: qonnx's ExtractBiasFromConv fails on a quantized one
             weight_quant=Int8WeightPerTensorFloat,
             weight_bit_width=b,
             return_quant_tensor=False,

@@ -31,6 +31,95 @@ STEPS_NOT_RUN = {
 }
 
 
+#: Utilisation a design may reach and still be called a fit (room for FIFOs, control,
+#: routing and the estimates' error): BRAM_18K 90 %, URAM 95 %, LUT and DSP 70 %.
+FIT_BUDGET = {"LUT": 0.70, "BRAM_18K": 0.90, "URAM": 0.95, "DSP": 0.70}
+
+
+def budget_check(total: dict[str, float], capacity: dict[str, float]) -> dict[str, Any]:
+    """Utilisation of each budgeted resource against :data:`FIT_BUDGET`.
+
+    Returns ``{"fits": bool, "resources": {key: {"used", "capacity", "utilisation",
+    "limit", "within"}}}``.
+    """
+    out = {}
+    for key, limit in FIT_BUDGET.items():
+        util = total[key] / capacity[key]
+        out[key] = {
+            "used": total[key],
+            "capacity": capacity[key],
+            "utilisation": util,
+            "limit": limit,
+            "within": bool(util <= limit),
+        }
+    return {"fits": all(v["within"] for v in out.values()), "resources": out}
+
+
+#: The part-1 build of the default 6-block config (2026-11-28, 2 CPU cores, random
+#: weights: all biases 0, LayerNorms at identity), as recorded in the README's FPGA
+#: section; the reference of SUMMARY.md's "what changed since part 1" table.
+PART1_REFERENCE: dict[str, Any] = {
+    "weights": "random (no trained FPGA model existed)",
+    "biases / LayerNorm affine": "float, folded by FINN into one threshold row per channel",
+    "MoE": "stand-in: all 16 experts computed, all expert weights on chip",
+    "thresholding cost": "finn-plus's estimator: one table per channel",
+    "weight memories": "all MVAUs ram_style auto (BRAM), URAM unused",
+    "LUT %": 1608.0,
+    "BRAM_18K %": 457.0,
+    "URAM %": 0.0,
+    "DSP %": 40.0,
+    "FPS @ 200 MHz": 32.3,
+    "latency ms": 379.0,
+    "HW-layer verification, max LSB": "15 (1 image)",
+    "build seconds (2 cores)": 311.0,
+}
+
+
+def changes_since_part1(summary: dict[str, Any]) -> list[str]:
+    """Markdown table: :data:`PART1_REFERENCE` beside this build's figures."""
+    res, cap = summary.get("resources"), summary.get("board_capacity")
+    if not res or not cap:
+        return []
+    perf = summary.get("performance") or {}
+    thr = res.get("thresholds") or {}
+    quant = summary.get("quantization") if isinstance(summary.get("quantization"), dict) else {}
+    layers = res.get("layers", [])
+    mvau = [lay for lay in layers if lay["op_type"].startswith("MVAU")]
+    in_uram = sum(1 for lay in mvau if lay.get("URAM", 0) > 0)
+    ver = [v for v in summary.get("verification") or [] if v.get("stage") == "hw_layers"]
+    now: dict[str, Any] = {
+        "weights": "trained checkpoint" if summary.get("checkpoint") else "random",
+        "biases / LayerNorm affine": (
+            "biases on the accumulator grid, LayerNorm affine folded into the next linear"
+            if quant.get("int_bias") and quant.get("fold_norm_affine")
+            else f"int_bias={quant.get('int_bias')}, fold_norm_affine="
+            f"{quant.get('fold_norm_affine')}"
+        ),
+        "MoE": (summary.get("pathway") or {}).get("moe_form", "-"),
+        "thresholding cost": (
+            f"as generated: {thr.get('shared', 0)} of {thr.get('tables', 0)} layers with one "
+            f"shared table, {thr.get('threshold_bits', 0) / 1e6:.2f} Mbit"
+        ),
+        "weight memories": f"{in_uram} of {len(mvau)} MVAUs in URAM, the rest BRAM",
+        "FPS @ 200 MHz": perf.get("throughput_fps"),
+        "latency ms": perf.get("latency_ms"),
+        "HW-layer verification, max LSB": (
+            f"{max(v['max_error_lsb'] for v in ver):.3g}" if ver else "-"
+        ),
+        "build seconds (2 cores)": summary.get("seconds"),
+    }
+    for key in RESOURCE_KEYS:
+        if key != "FF":
+            now[f"{key} %"] = 100.0 * res["total"][key] / cap[key]
+    lines = ["| | part 1 | this build |", "|---|---|---|"]
+    for key, before in PART1_REFERENCE.items():
+        after = now.get(key, "-")
+        if isinstance(after, float):
+            after = f"{after:.1f}"
+        lines.append(f"| {key} | {before} | {after} |")
+    return lines
+
+
 @dataclass
 class StepRecords:
     """What the steps found, kept in ``<output_dir>/report/m3vit_steps.json``.
@@ -40,12 +129,21 @@ class StepRecords:
         pieces: per piece-wise step, the number of pieces and seconds per piece.
         non_hw_nodes: ``[name, op_type]`` of nodes that did not become HW layers.
         retyped_weights: MVAU/VVAU nodes whose {0, 1} weights were typed INT2.
+        snapped_thresholds: ``[MultiThreshold output, channels, snapped entries]`` of
+            each per-channel table made an exact integer shift of one row.
+        shared_thresholds: ``[MultiThreshold output, channels]`` of each per-channel
+            table rewritten as an integer bias + one shared table.
+        integer_biases: outputs of the float bias adds moved onto the integer
+            accumulator (before the layer's scale).
     """
 
     verification: list[dict[str, Any]] = field(default_factory=list)
     pieces: dict[str, dict[str, Any]] = field(default_factory=dict)
     non_hw_nodes: list[list[str]] = field(default_factory=list)
     retyped_weights: list[str] = field(default_factory=list)
+    snapped_thresholds: list[list[Any]] = field(default_factory=list)
+    shared_thresholds: list[list[Any]] = field(default_factory=list)
+    integer_biases: list[str] = field(default_factory=list)
 
     @staticmethod
     def path(output_dir: str | os.PathLike[str]) -> Path:
@@ -89,24 +187,44 @@ def dataflow_model(final_model_path: Path) -> Any:
 
 
 def collect_resources(final_model_path: Path, report_dir: Path) -> dict[str, Any]:
-    """Per-layer resources: finn-plus's estimate, or ours where finn-plus says zero.
+    """Per-layer resources: finn-plus's estimate, or ours where finn-plus says zero, and
+    RTL thresholding layers as finn-plus's generator emits them (one table per PE when
+    the thresholds are one shared row; :func:`finn_flow.cost_models.threshold_table`).
 
     Returns ``{"layers": [{name, op_type, cycles, source, LUT, FF, BRAM_18K, URAM,
-    DSP}], "total": {key: sum}, "finn_total": finn-plus's own totals}``.
+    DSP}], "total": {key: sum}, "finn_total": finn-plus's own totals, "thresholds":
+    {tables, shared, threshold_bits, finn_plus_estimate}}``.
     """
     from qonnx.custom_op.registry import getCustomOp
 
-    from finn_flow.cost_models import own_estimate
+    from finn_flow.cost_models import (
+        own_estimate,
+        threshold_table,
+        thresholding_rtl_as_generated,
+    )
 
     finn_res = json.loads((report_dir / "estimate_layer_resources.json").read_text())
     cycles = json.loads((report_dir / "estimate_layer_cycles.json").read_text())
     layers = []
     totals = dict.fromkeys(RESOURCE_KEYS, 0.0)
-    for node in dataflow_model(final_model_path).graph.node:
+    thr = {"tables": 0, "shared": 0, "threshold_bits": 0.0}
+    thr_finn = dict.fromkeys(RESOURCE_KEYS, 0.0)
+    model = dataflow_model(final_model_path)
+    for node in model.graph.node:
         est = finn_res.get(node.name, {})
         finn_vals = {k: float(est.get(k, 0) or 0) for k in RESOURCE_KEYS}
         source = "finn-plus"
-        if finn_vals["LUT"] == 0 and finn_vals["BRAM_18K"] == 0 and finn_vals["DSP"] == 0:
+        if node.op_type == "Thresholding_rtl":
+            table = threshold_table(model, node)
+            gen = thresholding_rtl_as_generated(table)
+            for k in RESOURCE_KEYS:
+                thr_finn[k] += finn_vals[k]
+            thr["tables"] += 1
+            thr["shared"] += int(table.shared)
+            thr["threshold_bits"] += gen["threshold_bits"]
+            finn_vals = {k: float(gen[k]) for k in RESOURCE_KEYS}
+            source = "as generated (finn_flow/cost_models.py)"
+        elif finn_vals["LUT"] == 0 and finn_vals["BRAM_18K"] == 0 and finn_vals["DSP"] == 0:
             ours = own_estimate(node.op_type, getCustomOp(node))
             if ours is not None:
                 finn_vals, source = ours, "own cost model (finn_flow/cost_models.py)"
@@ -121,7 +239,13 @@ def collect_resources(final_model_path: Path, report_dir: Path) -> dict[str, Any
                 **finn_vals,
             }
         )
-    return {"layers": layers, "total": totals, "finn_total": finn_res.get("total", {})}
+    thr["finn_plus_estimate"] = thr_finn
+    return {
+        "layers": layers,
+        "total": totals,
+        "finn_total": finn_res.get("total", {}),
+        "thresholds": thr,
+    }
 
 
 def moe_summary(form: str, layers: list[dict[str, Any]], dims: Any, weight_bits: int) -> dict:
@@ -468,6 +592,28 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
                 lines.append("- (random weights: the metric describes an untrained model)")
         elif val:
             lines.append(f"- val metric: {val}")
+    rt = summary.get("routing")
+    if isinstance(rt, dict):
+        a = rt["agreement"]
+        lines += ["", "## Routing: float model vs quantized pathway", ""]
+        lines.append(
+            f"{rt['images']} val frames, every token and MoE layer ({rt['file']} has the "
+            f"expert ids and gates): same expert set **{a['set']:.1f} %**, same top-1 "
+            f"{a['top1']:.1f} %, same expert per slot {a['slots']:.1f} %, mean |gate "
+            f"difference| {a['gate_abs_diff']:.4f}"
+        )
+        head = (
+            "| MoE layer | same set % | same top-1 % | load entropy float / quantized "
+            f"(bits, max {rt['max_entropy_bits']:.2f}) |"
+        )
+        lines += ["", head, "|---|---|---|---|"]
+        for i, pl in enumerate(rt["per_layer"]):
+            lines.append(
+                f"| {i} | {pl['set']:.1f} | {pl['top1']:.1f} | "
+                f"{rt['float_entropy_bits'][i]:.2f} / {rt['quantized_entropy_bits'][i]:.2f} |"
+            )
+    elif rt:
+        lines += ["", f"- routing: {rt}"]
     res = summary.get("resources")
     if res:
         cap = summary["board_capacity"]
@@ -478,6 +624,25 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
             "| utilisation | "
             + " | ".join(f"{100 * res['total'][k] / cap[k]:.1f}%" for k in RESOURCE_KEYS)
         )
+        bud = res.get("budget")
+        if bud:
+            verdict = "**fits**" if bud["fits"] else "**does not fit**"
+            parts = ", ".join(
+                f"{k} {100 * v['utilisation']:.1f} % (limit {100 * v['limit']:.0f} %"
+                f"{'' if v['within'] else ', OVER'})"
+                for k, v in bud["resources"].items()
+            )
+            lines += ["", f"Budget: {verdict} the board: {parts}."]
+        thr = res.get("thresholds")
+        if thr:
+            fe = thr["finn_plus_estimate"]
+            lines += [
+                "",
+                f"Thresholding: {thr['tables']} RTL layers, {thr['shared']} with one shared "
+                f"table, {thr['threshold_bits'] / 1e6:.3f} Mbit of thresholds as generated "
+                f"(finn-plus's estimator, which charges one table per channel: LUT "
+                f"{fe['LUT']:.0f}, BRAM_18K {fe['BRAM_18K']:.0f}, URAM {fe['URAM']:.0f}).",
+            ]
         lines += ["", "Per layer (source: finn-plus estimate or own cost model):", ""]
         lines += ["| layer | op | cycles | LUT | BRAM_18K | DSP | source |", "|---" * 7 + "|"]
         for layer in res["layers"]:
@@ -513,6 +678,12 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
             f"- `{ddr['folder']}`: {', '.join(ddr['files'])}; {ddr['bytes']} bytes, AXI "
             f"{ddr['axi_bits']} bits; node offsets {ddr['nodes']}"
         )
+    change = changes_since_part1(summary)
+    if change:
+        lines += ["", "## What changed since part 1", ""]
+        lines += ["Part 1: " + str(PART1_REFERENCE["weights"]) + "; see finn_flow/report.py "
+                  "PART1_REFERENCE for where its figures come from.", ""]  # fmt: skip
+        lines += change
     perf = summary.get("performance")
     if perf:
         lines += ["", "## Performance (estimates)", ""]

@@ -196,6 +196,47 @@ def step_m3vit_verify_streamlined(model: ModelWrapper, cfg: M3ViTBuildConfig) ->
     return model
 
 
+def step_m3vit_snap_thresholds(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
+    """Per-channel thresholds that are integer shifts of one row up to float32 noise
+    (quantizers after a linear layer with its bias on the accumulator grid) are made
+    exact shifts (:class:`finn_flow.transforms.SharedThresholdTable`, snap mode); runs
+    before the streamlined graph is verified, so the verification sees the result."""
+    from finn_flow.transforms import SharedThresholdTable
+
+    snap = SharedThresholdTable(rewrite=False)
+    model = model.transform(snap)
+    records = StepRecords.load(cfg.output_dir)
+    records.snapped_thresholds = [list(r) for r in snap.rewritten]
+    records.save(cfg.output_dir)
+    moved = sum(r[2] for r in snap.rewritten)
+    print(f"[thresholds] {len(snap.rewritten)} tables are integer shifts of one row "
+          f"({moved} float32-noise entries snapped)")  # fmt: skip
+    return model
+
+
+def step_m3vit_shared_thresholds(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
+    """Integer arithmetic where the biases are integers: per-channel thresholds that are
+    integer shifts of one row become an integer Add + one shared table
+    (:class:`finn_flow.transforms.SharedThresholdTable`; exact), and biases on the grid of
+    a layer whose output goes on in float are added to the integer accumulator before its
+    scale (:class:`finn_flow.transforms.IntegerBiasBeforeScale`)."""
+    from finn_flow.transforms import IntegerBiasBeforeScale, SharedThresholdTable
+
+    rewrite = SharedThresholdTable()
+    model = model.transform(rewrite)
+    move = IntegerBiasBeforeScale()
+    model = model.transform(move)
+    records = StepRecords.load(cfg.output_dir)
+    records.shared_thresholds = [[r[0], r[1]] for r in rewrite.rewritten]
+    records.integer_biases = list(move.moved)
+    records.save(cfg.output_dir)
+    print(
+        f"[thresholds] {len(rewrite.rewritten)} per-channel tables -> one shared table each; "
+        f"{len(move.moved)} float biases -> integer adds before the scale"
+    )
+    return model
+
+
 def step_m3vit_convert_to_hw(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
     """Conversion to HW layers (:func:`finn_flow.graph_passes.convert_to_hw`), piece by
     piece."""
@@ -284,8 +325,10 @@ def build_steps(mode: str, moe: str = "reordered") -> list[Step]:
     steps: list[Step] = [
         step_m3vit_qonnx_to_finn,
         step_m3vit_streamline,
+        step_m3vit_snap_thresholds,
         step_m3vit_verify_streamlined,
         *moe_steps,
+        step_m3vit_shared_thresholds,
         step_m3vit_convert_to_hw,
         step_m3vit_check_hw,
         step_m3vit_verify_hw,

@@ -7,6 +7,7 @@ scale nodes), so the Python execution before and after is identical.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import helper
@@ -208,3 +209,220 @@ def is_gelu_table_op(model: ModelWrapper, node) -> bool:
             return True
         return p.op_type in ("Sub", "Mul") and is_gelu_table_op(model, p)
     return False
+
+
+def integer_thresholds(thresholds: np.ndarray) -> np.ndarray:
+    """Thresholds on an integer input as integers (float64): ``x >= t <=> x >= ceil(t)``."""
+    return np.ceil(np.asarray(thresholds, dtype=np.float64))
+
+
+#: Float32 thresholds FINN computes for the same real threshold differ by a few units in
+#: the last place; rows closer than this (relative to the largest |threshold|) to an
+#: integer shift of each other are taken to be one: 2^-17 (8 float32 ulps).
+SHIFT_REL_TOL = 2.0**-17
+
+
+@dataclass(frozen=True)
+class SharedRow:
+    """Per-channel thresholds as one shared row + integer shifts.
+
+    Attributes:
+        row: (N,) the shared integer thresholds.
+        shifts: (C,) integer shift of each channel: channel c's thresholds are
+            ``row + shifts[c]``.
+        snapped: threshold entries whose ceil()ed value was moved by one to match the
+            row (0: the rewrite is exact; see :func:`shared_row_and_shifts`).
+    """
+
+    row: np.ndarray
+    shifts: np.ndarray
+    snapped: int
+
+    @property
+    def per_channel(self) -> np.ndarray:
+        """(C, N) integer thresholds ``row + shifts[c]``."""
+        return self.row[None, :] + self.shifts[:, None]
+
+
+def shared_row_and_shifts(
+    thresholds: np.ndarray, rel_tol: float = SHIFT_REL_TOL
+) -> SharedRow | None:
+    """Split per-channel thresholds on an integer input into one row + integer shifts.
+
+    In exact arithmetic the thresholds of a quantizer after a linear layer whose bias
+    lies on the accumulator grid are ``tau_i - n_c`` (``n_c`` the integer bias). FINN
+    computes them in float32, so the rows agree only to a few ulps; where ``tau_i`` lies
+    within that noise of an integer, ``ceil`` can land on either side in different
+    channels. Each channel's shift is the median row difference, rounded; the rows match
+    when every column's spread after removing the shifts is within ``rel_tol`` x the
+    largest |threshold|. The shared row takes each column's majority ceil()ed value; the
+    entries that differed (``snapped``) change the layer's output only for accumulator
+    values equal to that threshold, by one step, which the float32 arithmetic of
+    the reference cannot resolve either.
+
+    Args:
+        thresholds: (C, N) MultiThreshold thresholds, C >= 2.
+
+    Returns:
+        :class:`SharedRow`, or None when the rows are not integer shifts of one row.
+        With ``snapped == 0``, ``count(x >= thresholds[c]) == count(x - shifts[c] >=
+        row)`` for every integer x.
+    """
+    if thresholds.ndim != 2 or thresholds.shape[0] < 2:
+        return None
+    t = np.asarray(thresholds, dtype=np.float64)
+    if not np.all(np.isfinite(t)):
+        return None
+    shifts = np.round(np.median(t - t[:1], axis=1))
+    u = t - shifts[:, None]
+    tol = rel_tol * max(1.0, float(np.abs(t).max()))
+    if np.any(u.max(axis=0) - u.min(axis=0) > tol):
+        return None
+    c = np.ceil(u)
+    hi = c.max(axis=0)
+    row = np.where(2 * (c == hi).sum(axis=0) >= c.shape[0], hi, hi - 1)
+    return SharedRow(row=row, shifts=shifts, snapped=int((c != row[None, :]).sum()))
+
+
+class SharedThresholdTable(Transformation):
+    """Per-channel threshold rows that are integer shifts of one row: snap them to exact
+    shifts, or rewrite them as an integer bias plus one shared table.
+
+    A quantizer after a linear layer whose bias lies on the accumulator grid
+    (:class:`finn_flow.quant_model.QuantSpec` ``int_bias``) streamlines into a
+    MultiThreshold on the integer accumulator with one threshold row per channel, each
+    row the same row shifted by the channel's integer bias (up to float32 noise, see
+    :func:`shared_row_and_shifts`). finn-plus's thresholding layer would store all C
+    rows.
+
+    - ``rewrite=False`` (snap): the rows are replaced by exact integer shifts of the
+      shared row (``row + shifts[c]``), the node stays a per-channel MultiThreshold.
+      Run it right after streamlining, so that later passes that read the rows (the MoE
+      engine's integer expert bias) find exact shifts.
+    - ``rewrite=True``: ``accumulator -> Add(-shifts[c]) (integer, per channel) ->
+      MultiThreshold(row)``; the Add becomes an integer elementwise-add layer (C
+      constants) and the thresholding layer's generator emits one table per PE instead
+      of C rows. Exact for integer inputs once the rows are exact shifts.
+
+    Only MultiThresholds on an integer input with channels last (``NWC`` / ``NHWC`` /
+    ``NC``) and at least ``min_steps`` thresholds per channel are touched. Afterwards
+    ``self.rewritten`` lists ``(output tensor, channels, snapped entries)`` (node names
+    change: the pass gives every node a unique name at the end).
+    """
+
+    def __init__(self, rewrite: bool = True, min_steps: int = 2) -> None:
+        super().__init__()
+        self.rewrite = rewrite
+        self.min_steps = min_steps
+        self.rewritten: list[tuple[str, int, int]] = []
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        """Process every matching MultiThreshold in one pass; returns (model, False)."""
+        from qonnx.custom_op.registry import getCustomOp
+
+        graph = model.graph
+        for node in list(graph.node):
+            if node.op_type != "MultiThreshold":
+                continue
+            idt = model.get_tensor_datatype(node.input[0])
+            thr = model.get_initializer(node.input[1])
+            inst = getCustomOp(node)
+            if thr is None or not idt.is_integer() or thr.shape[-1] < self.min_steps:
+                continue
+            if inst.get_nodeattr("data_layout") not in ("NWC", "NHWC", "NC"):
+                continue
+            split = shared_row_and_shifts(thr)
+            if split is None:
+                continue
+            self.rewritten.append((node.output[0], int(thr.shape[0]), split.snapped))
+            if not self.rewrite:
+                model.set_initializer(node.input[1], split.per_channel.astype(np.float32))
+                continue
+            model.set_initializer(node.input[1], split.row[None, :].astype(np.float32))
+            if not split.shifts.any():  # identical rows: one row is enough
+                continue
+            neg = (-split.shifts).astype(np.float32)
+            cname = model.make_new_valueinfo_name()
+            model.set_initializer(cname, neg)
+            lo, hi = int(neg.min()), int(neg.max())
+            model.set_tensor_datatype(
+                cname, DataType.get_smallest_possible(lo if -lo > hi else -hi - 1)
+            )
+            shifted = model.make_new_valueinfo_name()
+            add = helper.make_node("Add", [node.input[0], cname], [shifted])
+            graph.node.insert(list(graph.node).index(node), add)
+            model.set_tensor_shape(shifted, model.get_tensor_shape(node.input[0]))
+            model.set_tensor_datatype(shifted, DataType["INT32"])
+            node.input[0] = shifted
+        if self.rewritten and self.rewrite:
+            model = model.transform(InferShapes())
+            model = model.transform(InferDataTypes())
+            model = model.transform(GiveUniqueNodeNames())
+        return model, False
+
+
+class IntegerBiasBeforeScale(Transformation):
+    """``Add(Mul(acc, s), c)`` with ``c / s`` integer -> ``Mul(Add(acc, c / s), s)``.
+
+    A linear layer whose bias lies on its accumulator grid but whose output goes on in
+    float (the attention output projection and the dense fc2, summed into the residual
+    stream) streamlines into an integer accumulator, a scalar dequantisation ``Mul`` and a
+    per-channel float bias ``Add``. Moving the bias before the scale makes it an integer
+    add of the accumulator (a narrow integer adder instead of a float32 one); the value is
+    the same up to float32 rounding of the final product (``(acc + n) * s`` instead of
+    ``acc * s + n * s``). Only applied when ``acc`` is an integer tensor, ``s`` a positive
+    scalar constant read by this Mul alone and ``c / s`` within ``rel_tol`` of integers
+    (relative to its largest magnitude). ``self.moved`` lists the Add outputs afterwards.
+    """
+
+    def __init__(self, rel_tol: float = SHIFT_REL_TOL) -> None:
+        super().__init__()
+        self.rel_tol = rel_tol
+        self.moved: list[str] = []
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        """Move every matching bias in one pass; returns (model, False)."""
+        graph = model.graph
+        for add in list(graph.node):
+            if add.op_type != "Add" or len(add.input) != 2:
+                continue
+            c = model.get_initializer(add.input[1])
+            mul = model.find_producer(add.input[0])
+            if c is None or mul is None or mul.op_type != "Mul":
+                continue
+            s = model.get_initializer(mul.input[1])
+            acc = mul.input[0]
+            if s is None or s.size != 1 or float(s.reshape(-1)[0]) <= 0:
+                continue
+            if not model.get_tensor_datatype(acc).is_integer():
+                continue
+            if len(model.find_consumers(mul.output[0]) or []) != 1:
+                continue
+            n = np.asarray(c, dtype=np.float64) / float(s.reshape(-1)[0])
+            tol = self.rel_tol * max(1.0, float(np.abs(n).max()))
+            if np.any(np.abs(n - np.round(n)) > tol):
+                continue
+            n = np.round(n).astype(np.float32)
+            lo, hi = int(n.min()), int(n.max())
+            nname = model.make_new_valueinfo_name()
+            model.set_initializer(nname, n)
+            model.set_tensor_datatype(
+                nname, DataType.get_smallest_possible(lo if -lo > hi else -hi - 1)
+            )
+            shifted = model.make_new_valueinfo_name()
+            out, dead = add.output[0], mul.output[0]
+            new_add = helper.make_node("Add", [acc, nname], [shifted])
+            graph.node.insert(list(graph.node).index(mul), new_add)
+            model.set_tensor_shape(shifted, model.get_tensor_shape(acc))
+            model.set_tensor_datatype(shifted, DataType["INT32"])
+            mul.input[0] = shifted
+            mul.output[0] = out
+            graph.node.remove(add)
+            for vi in [v for v in graph.value_info if v.name == dead]:
+                graph.value_info.remove(vi)
+            self.moved.append(out)
+        if self.moved:
+            model = model.transform(InferShapes())
+            model = model.transform(InferDataTypes())
+            model = model.transform(GiveUniqueNodeNames())
+        return model, False

@@ -3,8 +3,11 @@
 # 64x80 input frame (4x5 patches); PUP heads with nearest-neighbour upsampling.
 # Six blocks keep `python finn_flow/build.py --task normals` short on a laptop-class
 # machine; the 12-block pathway is ./m3vit_vit-t16-moe16-top2-mg_fpga_synthnyud-64x80.py.
-# Trainable like any other config, on the synthetic NYUD set (96x128 crops: the position
-# embeddings are stored for 64x80 and resized on the fly).
+# Training (docs/fpga.md, "Trained FPGA model"): the synthetic NYUD set rendered at the
+# FPGA's own frame size, so that training, validation and the FPGA see the same frames:
+#   python tools/dataset_converters/make_synthetic_nyud.py --out data/synthetic_nyud_64x80 \
+#       --num-train 320 --num-val 80 --size 64 80
+#   OMP_NUM_THREADS=1 python tools/train.py <this file> --work-dir work_dirs/fpga_normals
 _base_ = [
     "../_base_/models/m3vit_vit-s16-moe16-top4.py",
     "../_base_/datasets/synthetic_nyud.py",
@@ -13,6 +16,8 @@ _base_ = [
 ]
 
 input_size = (64, 80)  # (H, W) of the frame the FPGA pathway is built for
+data_root = "data/synthetic_nyud_64x80"
+crop_size = input_size
 norm_cfg = dict(type="BN", requires_grad=True)
 model = dict(
     backbone=dict(
@@ -28,6 +33,32 @@ model = dict(
     # UpsampleNearestNeighbour layer; bilinear has none). 4x5 patches x 16 = 64x80, so no
     # final resize is needed.
     head_template=dict(channels=32, norm_cfg=norm_cfg, upsample_mode="nearest"),
+)
+
+# The synthetic set's augmentation at this size: scale in {1, 1.2, 1.5}, crop, h-flip;
+# validation on the val split's 64x80 frames as they are (what the FPGA sees).
+train_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadMultiTaskAnnotations"),
+    dict(type="RandomChoiceResize", scales=[(80, 64), (96, 77), (120, 96)], keep_ratio=True),
+    dict(type="RandomCrop", crop_size=crop_size, cat_max_ratio=1.0),
+    dict(type="MultiTaskRandomFlip", prob=0.5, direction="horizontal"),
+    dict(type="PackMultiTaskInputs"),
+]
+train_dataloader = dict(dataset=dict(data_root=data_root, pipeline=train_pipeline))
+val_dataloader = dict(dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
+
+# 2000 iterations of batch 8 (the 600-iteration schedule's lr 0.01 and poly decay):
+# about 0.36 CPU-seconds per iteration on one core (docs/fpga.md has the measurements).
+max_iters = 2000
+val_interval = 1000
+param_scheduler = [
+    dict(type="PolyLR", eta_min=0.0, power=0.9, begin=0, end=max_iters, by_epoch=False)
+]
+train_cfg = dict(max_iters=max_iters, val_interval=val_interval)
+default_hooks = dict(
+    logger=dict(interval=100), checkpoint=dict(interval=val_interval, max_keep_ckpts=1)
 )
 
 # What finn_flow/build.py reads (the rest of the file is an ordinary mmseg config).

@@ -1,0 +1,97 @@
+"""Memory placement of MVAU weights: URAM words of 64-72 bits, the URAM budget, and the
+BRAM fallback, against closed-form block counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytestmark = pytest.mark.finn
+
+PART = "xczu7ev-ffvc1156-2-e"
+
+
+def _mvau_model(tmp_path, shapes: list[tuple[int, int]], tokens: int = 21):
+    """A chain of MVAU_rtl layers with 8-bit weights: shapes = [(MW, MH), ...]."""
+    from onnx import TensorProto, helper
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.basic import qonnx_make_model
+
+    from finn_flow.finn_env import start_finn
+
+    start_finn(tmp_path / "finn")
+    nodes, names = [], ["x"]
+    for i, (mw, mh) in enumerate(shapes):
+        names.append(f"t{i}")
+        nodes.append(
+            helper.make_node(
+                "MVAU_rtl",
+                [names[-2], f"w{i}"],
+                [names[-1]],
+                domain="finn.custom_op.fpgadataflow.rtl",
+                name=f"MVAU_rtl_{i}",
+                MW=mw,
+                MH=mh,
+                SIMD=1,
+                PE=1,
+                inputDataType="INT8",
+                weightDataType="INT8",
+                outputDataType="INT32",
+                numInputVectors=[1, tokens],
+                noActivation=1,
+                mem_mode="internal_decoupled",
+            )  # fmt: skip
+        )
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, shapes[0][0]])
+    out = helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1, tokens, shapes[-1][1]])
+    return ModelWrapper(qonnx_make_model(helper.make_graph(nodes, "g", [inp], [out])))
+
+
+def test_uram_option_fills_72_bit_words(tmp_path) -> None:
+    """192 x 768 at 8 bits: 9 weights a word (3 x 3) -> 16384 words -> exactly 4 URAM;
+    192 x 64: no 9-lane folding divides both sides, 8 lanes -> 1536 words -> 1 URAM."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    from finn_flow.placement import options
+
+    model = _mvau_model(tmp_path, [(192, 768), (192, 64)])
+    big, small = (getCustomOp(n) for n in model.graph.node)
+    u, b = options(big, PART, max_cycles=10**9)
+    assert u.simd * u.pe == 9 and u.uram == 4 and u.bram18 == 0
+    assert u.cycles == 21 * 192 * 768 // 9
+    # BRAM: 1.18 Mbit of weights in 18 Kbit blocks -> at least 64
+    assert b.uram == 0 and b.bram18 >= math.ceil(192 * 768 * 8 / 18432)
+    u2, _ = options(small, PART, max_cycles=10**9)
+    assert u2.simd * u2.pe == 8 and u2.uram == 1
+    # fewest DSPs among equal URAM use: PE (4 products per DSP48) rather than SIMD
+    assert u2.dsp == min(math.ceil(pe / 4) * (8 // pe) for pe in (1, 2, 4, 8))
+
+
+def test_cycle_budget_excludes_slow_foldings(tmp_path) -> None:
+    from qonnx.custom_op.registry import getCustomOp
+
+    from finn_flow.placement import options
+
+    model = _mvau_model(tmp_path, [(192, 768)])
+    inst = getCustomOp(model.graph.node[0])
+    budget = 21 * 192 * 768 // 32  # needs at least 32 lanes: no 64-72-bit word is fast enough
+    u, b = options(inst, PART, max_cycles=budget)
+    assert u is None
+    assert b.cycles <= budget and b.simd * b.pe >= 32
+
+
+def test_plan_respects_the_uram_budget(tmp_path) -> None:
+    """Three 192x768 layers (4 URAM each) and a budget of 9 blocks: two go to URAM, the
+    third keeps BRAM."""
+    from finn_flow.placement import plan
+
+    model = _mvau_model(tmp_path, [(192, 768), (768, 192), (192, 768)])
+    placed = plan(model, PART, max_cycles=10**9, uram_budget=9)
+    styles = sorted(e["choice"]["ram_style"] for e in placed.values())
+    assert styles == ["block", "ultra", "ultra"]
+    for e in placed.values():
+        ultra = e["choice"]["ram_style"] == "ultra"
+        assert e["choice"]["runtime_writeable_weights"] == int(ultra)
+        assert (e["uram"] > 0) == ultra and (e["bram18"] > 0) != ultra
+    assert sum(e["uram"] for e in placed.values()) == 8
