@@ -27,9 +27,6 @@ from finn.transformation.streamline.absorb import (
     AbsorbScalarBiasIntoMultiThreshold,
     AbsorbTransposeIntoMultiThreshold,
 )
-from finn.transformation.streamline.extract_multithreshold_scale_bias import (
-    ExtractMultiThresholdScaleBias,
-)
 from finn.transformation.streamline.extract_norm_scale_bias import ExtractNormScaleBias
 from finn.transformation.streamline.reorder import MakeScaleResizeNHWC
 from qonnx.core.modelwrapper import ModelWrapper
@@ -37,7 +34,12 @@ from qonnx.transformation.general import GiveUniqueNodeNames
 from qonnx.transformation.infer_data_layouts import InferDataLayouts
 
 import finn_flow.moe_ops  # noqa: F401  (pieces may hold the MoE engine's ops)
-from finn_flow.transforms import DuplicateForkedConstMul, GeluToThresholds, is_gelu_table_op
+from finn_flow.transforms import (
+    DuplicateForkedConstMul,
+    ExtractMultiThresholdScaleBiasOnce,
+    GeluToThresholds,
+    is_gelu_table_op,
+)
 
 #: A graph pass: (model, build config) -> model.
 GraphPass = Callable[[ModelWrapper, DataflowBuildConfig], ModelWrapper]
@@ -58,7 +60,7 @@ def streamline(model: ModelWrapper, cfg: DataflowBuildConfig) -> ModelWrapper:
     nearest-neighbour upsamplings, forked scales un-merged, streamlining again, and GELU
     as exact integer threshold tables (:class:`~finn_flow.transforms.GeluToThresholds`)."""
     model = model.transform(InferPWPolyFLayer())
-    model = model.transform(ExtractMultiThresholdScaleBias())
+    model = model.transform(ExtractMultiThresholdScaleBiasOnce())
     model = model.transform(ExtractNormScaleBias())
     model = fs.step_streamline(model, cfg)
     if model.get_nodes_by_op_type("Resize"):

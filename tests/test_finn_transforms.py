@@ -231,3 +231,67 @@ def test_bias_off_the_grid_or_shared_scale_is_left_alone() -> None:
     move = IntegerBiasBeforeScale()
     shared.transform(move)
     assert move.moved == []
+
+
+def _mt_chain(specs: list[tuple[float, float]]):
+    """x (1, 6, 4) INT8 -> MultiThreshold (out_scale, out_bias) -> ... -> y, one node per
+    spec; every threshold table is one sorted row per channel."""
+    from onnx import TensorProto, helper
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.util.basic import qonnx_make_model
+
+    rng = np.random.default_rng(5)
+    nodes, names = [], ["x"] + [f"t{i}" for i in range(len(specs) - 1)] + ["y"]
+    for i, (scale, bias) in enumerate(specs):
+        nodes.append(
+            helper.make_node(
+                "MultiThreshold",
+                [names[i], f"thr{i}"],
+                [names[i + 1]],
+                domain="qonnx.custom_op.general",
+                out_dtype="UINT4",
+                out_scale=scale,
+                out_bias=bias,
+                data_layout="NWC",
+            )  # fmt: skip
+        )
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])
+    model = ModelWrapper(qonnx_make_model(helper.make_graph(nodes, "g", [inp], [out])))
+    model.set_tensor_datatype("x", DataType["INT8"])
+    for i in range(len(specs)):
+        thr = np.sort(rng.uniform(-60, 60, size=(4, 15)), axis=1)
+        model.set_initializer(f"thr{i}", thr.astype(np.float32))
+    return model.transform(InferShapes()).transform(InferDataTypes())
+
+
+def test_one_pass_scale_bias_extraction_equals_finns() -> None:
+    """The one-pass extraction gives finn-plus's graph: same op sequence, same constants,
+    same outputs, every MultiThreshold left with scale 1 and bias 0."""
+    from finn.transformation.streamline.extract_multithreshold_scale_bias import (
+        ExtractMultiThresholdScaleBias,
+    )
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.custom_op.registry import getCustomOp
+
+    from finn_flow.transforms import ExtractMultiThresholdScaleBiasOnce
+
+    specs = [(0.5, -3.0), (1.0, 0.0), (2.0, 0.0), (1.0, -8.0), (0.25, 1.5)]
+    ref = _mt_chain(specs).transform(ExtractMultiThresholdScaleBias())
+    got = _mt_chain(specs).transform(ExtractMultiThresholdScaleBiasOnce())
+    assert [n.op_type for n in got.graph.node] == [n.op_type for n in ref.graph.node]
+    assert [n.op_type for n in got.graph.node].count("Mul") == 3
+    assert [n.op_type for n in got.graph.node].count("Add") == 3
+    for a, b in zip(got.graph.node, ref.graph.node, strict=True):
+        if a.op_type == "MultiThreshold":
+            inst = getCustomOp(a)
+            assert (inst.get_nodeattr("out_scale"), inst.get_nodeattr("out_bias")) == (1.0, 0.0)
+        for ia, ib in zip(a.input[1:], b.input[1:], strict=True):
+            np.testing.assert_array_equal(got.get_initializer(ia), ref.get_initializer(ib))
+    x = np.random.default_rng(6).integers(-128, 128, size=(1, 6, 4)).astype(np.float32)
+    want = execute_onnx(_mt_chain(specs), {"x": x})["y"]
+    np.testing.assert_array_equal(execute_onnx(got, {"x": x})["y"], want)
+    np.testing.assert_array_equal(execute_onnx(ref, {"x": x})["y"], want)
