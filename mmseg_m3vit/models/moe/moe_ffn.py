@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .dispatch import get_dispatch
 from .gating import balance_loss, check_moe_sizes, vmoe_top_k
 from .reference import DispatchFn
@@ -46,6 +47,13 @@ class MoEFFN(nn.Module):
 
     This layer initialises its experts (:meth:`reset_expert_parameters`); the
     backbone does not touch them.
+
+    Inference fast path (chosen automatically): in eval mode without autograd, with the
+    'auto' or 'fused' dispatch and bf16 compute on CUDA, the gate runs as one kernel
+    (:func:`.fused.fused_top_k`) and the experts read bf16 copies of their weights made
+    once and kept until a weight changes (in place or replaced) or the layer is put in
+    training mode. A CUDA graph captured on this path reads the copies it found at
+    capture: capture again after changing the weights.
     """
 
     def __init__(
@@ -72,6 +80,34 @@ class MoEFFN(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dims, dim))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
         self.reset_expert_parameters()
+        self._bf16_experts: tuple[tuple, tuple[Tensor, ...]] | None = None
+
+    def train(self, mode: bool = True) -> MoEFFN:
+        """As ``nn.Module.train``; entering training drops the inference weight copies."""
+        if mode:
+            self._bf16_experts = None
+        return super().train(mode)
+
+    def _inference_experts(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """(w1, b1, w2, b2) in ``dtype``, cast once and reused while every parameter
+        is the same tensor at the same version (in-place updates bump the version)."""
+        params = (self.w1, self.b1, self.w2, self.b2)
+        key = (dtype,) + tuple((p.data_ptr(), p._version, p.shape, p.device) for p in params)
+        if self._bf16_experts is None or self._bf16_experts[0] != key:
+            with torch.no_grad():
+                copies = tuple(p.detach().to(dtype).contiguous() for p in params)
+            self._bf16_experts = (key, copies)
+        return self._bf16_experts[1]
+
+    def _fast_inference(self, x: Tensor, logits: Tensor) -> bool:
+        """Whether this call takes the inference fast path (class docstring)."""
+        if self.training or self.dispatch not in ("auto", "fused"):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or logits.requires_grad):
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.w1, self.w2)):
+            return False
+        return fused.fused_usable(x, self.w1) and fused.kernels is not None
 
     def reset_expert_parameters(self) -> None:
         """Expert matrices truncated normal with std 0.02 (the ViT init of every other
@@ -95,6 +131,13 @@ class MoEFFN(nn.Module):
         """
         b, n, d = x.shape
         logits = self.router(x, task_ids)
+        x2 = x.reshape(b * n, d)
+        if self._fast_inference(x2, logits):
+            ids, gates, sort = fused.fused_top_k(logits.reshape(b * n, -1), self.top_k)
+            experts = self._inference_experts(torch.bfloat16)
+            y = fused.fused_expert_ffn(x2, ids, gates, *experts, sort=sort)
+            loss = x.new_zeros((), dtype=torch.float32)
+            return y.reshape(b, n, d), MoERouting(ids, gates), loss
         gate = vmoe_top_k(
             logits.reshape(b * n, -1),
             self.top_k,
