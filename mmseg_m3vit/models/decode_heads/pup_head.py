@@ -13,6 +13,7 @@ from mmseg.structures import SegDataSample
 from torch import Tensor, nn
 
 from ...tasks import get_task
+from .conv_fold import fold_conv_bn_relu
 from .upsample import upsample2x
 
 OUTPUT_KINDS = ("argmax", "sigmoid", "normalize", "identity")
@@ -145,7 +146,8 @@ class PUPHead(BaseModule):
         x = self.norm(tokens[:, 1:]).transpose(1, 2).reshape(b, d, h, w)
         feats = []
         for i, conv in enumerate(self.convs):
-            x = conv(x)
+            y = fold_conv_bn_relu(conv, x)  # eval + autocast on CUDA: BN folded
+            x = conv(x) if y is None else y
             feats.append(x)
             if i < self.num_up:
                 x = self._up_step(x, 2)
