@@ -528,3 +528,78 @@ def test_moe_layer_inference_no_sync_and_cuda_graph() -> None:
         x.copy_(torch.randn(8, 1201, 384, device="cuda"))
         graph.replay()
         assert torch.equal(captured, fwd())
+
+
+# ----------------------------------------------------------------------------- backbone
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("d", [384, 48])
+def test_layer_norm_autocast_matches_layer_norm(d: int, monkeypatch) -> None:
+    """One-kernel LayerNorm to bf16 (rows of a strided token slice) vs torch's fp32
+    LayerNorm rounded to bf16: at most one bf16 ulp apart, nearly all equal, within
+    bf16 rounding of float64; not used with autograd or without autocast."""
+    from mmseg_m3vit.models import fast_layer_norm as fln
+
+    torch.manual_seed(7)
+    norm = torch.nn.LayerNorm(d, eps=1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    tokens = torch.randn(3, 1 + 37, d, device="cuda") * 3 + 1
+    x = tokens[:, 1:]  # strided rows, as the head's slice
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fln.layer_norm_autocast(norm, x)
+    ref = torch.nn.functional.layer_norm(x, (d,), norm.weight, norm.bias, 1e-6)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    torch.testing.assert_close(y.float(), ref.bfloat16().float(), rtol=2.0**-7, atol=1e-6)
+    assert (y == ref.bfloat16()).float().mean() > 0.99
+    ref64 = torch.nn.functional.layer_norm(
+        x.double(), (d,), norm.weight.double(), norm.bias.double(), 1e-6
+    )
+    assert rel_err(y, ref64) < 4e-3
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert fln.layer_norm_autocast(norm, x) is None  # autograd on
+    with torch.no_grad():
+        assert fln.layer_norm_autocast(norm, x) is None  # no autocast
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_backbone_inference_fast_paths_match_float64(monkeypatch) -> None:
+    """Eval backbone under bf16 autocast with every inference fast path (LayerNorm to
+    bf16, one-kernel gate, cached bf16 experts, fused experts) against the float64
+    backbone: error within 3e-2 and within 1.5x (+1e-3) of the same backbone run
+    through the general bf16 path (torch LayerNorm, vmoe_top_k, sorted dispatch)."""
+    import copy
+
+    from mmseg_m3vit.models import fast_layer_norm as fln
+    from mmseg_m3vit.models.backbones import M3ViT
+
+    torch.manual_seed(8)
+    bb = M3ViT(
+        tasks=["semseg", "depth"],
+        img_size=(64, 80),
+        embed_dims=64,
+        num_heads=4,
+        num_layers=4,
+        num_experts=8,
+        top_k=4,
+        expert_hidden_dims=32,
+    ).eval()
+    img = torch.randn(2, 3, 64, 80)
+    with torch.inference_mode():
+        ref = copy.deepcopy(bb).double()(img.double(), "depth").tokens
+    bb = bb.cuda()
+    calls = []
+    real = fused.fused_top_k
+    monkeypatch.setattr(fused, "fused_top_k", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = bb(img.cuda(), "depth").tokens
+        assert len(calls) == sum(1 for m in bb.modules() if isinstance(m, MoEFFN))
+        monkeypatch.setattr(fln, "FAST_NORM_MODE", "off")
+        for m in bb.modules():
+            if isinstance(m, MoEFFN):
+                m.dispatch = "sorted"
+        base = bb(img.cuda(), "depth").tokens
+    err, base_err = rel_err(fast, ref), rel_err(base, ref)
+    assert err < 3e-2 and err <= 1.5 * base_err + 1e-3, (err, base_err)

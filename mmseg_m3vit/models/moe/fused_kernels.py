@@ -172,7 +172,7 @@ def expert_gemm_kernel(
 
     src(r) = order[r] // TOP_K (GATHER_A: the token) or r; row(r) = order[r]
     (SCATTER_OUT: the flat index) or r. W[e] is (K, N) with the given strides; A rows
-    are converted to W's dtype as they are loaded (fp32 tokens need no cast pass).
+    are converted to W's dtype as they are loaded (a no-op for the bf16 operands).
     Epilogue, in this order: + bias[e] (HAS_BIAS); store the pre-activation to
     ``pre[r]`` (SAVE_PRE); GELU; * scale[order[r]] (SCALE_ROWS); * GELU'(pre[r])
     (GELU_GRAD, ``pre`` read). One program: BM rows x BN columns.
