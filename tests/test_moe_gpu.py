@@ -484,20 +484,24 @@ def test_moe_layer_inference_fast_path(k: int, monkeypatch) -> None:
     y, routing, logits = run()
     assert len(calls) == 1
     check(y, routing, logits)
-    copies = layer._bf16_experts[1]
+    copies = layer._bf16_cache["experts"][1]
+    assert layer._bf16_cache["router"][1][0].dtype == torch.bfloat16
     run()
-    assert layer._bf16_experts[1] is copies  # cached
+    assert layer._bf16_cache["experts"][1] is copies  # cached
     with torch.no_grad():
         layer.w1.mul_(-1.5)  # in place: the version changes
     y2, routing2, logits2 = run()
-    assert layer._bf16_experts[1] is not copies
+    assert layer._bf16_cache["experts"][1] is not copies
     check(y2, routing2, logits2)
+    with torch.no_grad():  # the router's gates too
+        layer.router.weight.mul_(-1.0)
+    check(*run())
     layer.train()
-    assert layer._bf16_experts is None
+    assert layer._bf16_cache == {}
     layer.eval()
     with torch.autocast(dev, dtype=torch.bfloat16):
         layer(x, tasks)  # autograd on: the general path
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 @pytest.mark.gpu

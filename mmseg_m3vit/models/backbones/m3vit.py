@@ -349,7 +349,8 @@ class M3ViT(TaskNamesMixin, BaseModule):
             x, r, layer_loss = block(x, task_ids)
             if r is not None:
                 routing.append(r)
-                loss = loss + layer_loss
+                if self.training:  # layers return 0 in eval: no add launches there
+                    loss = loss + layer_loss
         return x, routing, loss
 
     def forward(self, x: Tensor, task: str | Tensor | Sequence[str] | None = None) -> M3ViTOutput:
