@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,59 @@ def test_head_training_path_unchanged(monkeypatch) -> None:
         head(tokens, (2, 3)).square().mean().backward()
         grads.append(head.convs[0].conv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_head_folded_bn_matches_float64(monkeypatch) -> None:
+    """Eval head under bf16 autocast without autograd: conv + BN + ReLU run as one
+    folded cuDNN call; against the float64 head its error is within 2e-2 and within
+    1.5x (+1e-3) of the unfused bf16 path's own error; the folded weights follow an
+    in-place BN update; training, float32 and autograd calls keep the unfused path."""
+    from mmseg_m3vit.models.decode_heads import conv_fold
+
+    torch.manual_seed(0)
+    head = PUPHead("semseg", 5, dict(type="PixelCrossEntropyLoss"), in_channels=32, channels=16)
+    for m in head.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    head = head.eval()
+    calls = []
+    real = torch.cudnn_convolution_relu
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.randn(2, 1 + 4 * 5, 32)
+
+    def cuda_run(mode: str) -> torch.Tensor:
+        monkeypatch.setattr(conv_fold, "FOLD_MODE", mode)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return head(tokens.cuda(), (4, 5)).float()
+
+    head = head.cuda()
+    for _ in range(2):
+        with torch.inference_mode():
+            ref = copy.deepcopy(head).double().cpu()(tokens.double(), (4, 5))
+        before = len(calls)
+        fast = cuda_run("auto")
+        assert len(calls) - before == 4  # the 4 conv + BN + ReLU modules
+        off = cuda_run("off")
+        assert len(calls) - before == 4
+        err, base = _rel(fast, ref), _rel(off, ref)
+        assert err < 2e-2 and err <= 1.5 * base + 1e-3, (err, base)
+        with torch.no_grad():  # in place (same storage): the folded weights must follow
+            head.convs[1].bn.running_mean.add_(0.25)
+            head.convs[2].bn.weight.mul_(1.5)
+    n = len(calls)
+    with torch.inference_mode():
+        head(tokens.cuda(), (4, 5))  # float32: unfused
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        head(tokens.cuda(), (4, 5))  # autograd on: unfused
+        head.train()(tokens.cuda(), (4, 5))  # training: unfused
+    assert len(calls) == n

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmseg_m3vit.models.moe import fused
+from mmseg_m3vit.models.moe import MoEFFN, fused, vmoe_top_k
 from mmseg_m3vit.models.moe.dispatch import auto_dispatch, get_dispatch
-from mmseg_m3vit.models.moe.fused import ExpertSort, fused_dispatch, fused_expert_ffn
+from mmseg_m3vit.models.moe.fused import ExpertSort, fused_dispatch, fused_expert_ffn, fused_top_k
 from mmseg_m3vit.models.moe.grouped import grouped_dispatch, grouped_expert_ffn, sort_by_expert
 from mmseg_m3vit.models.moe.reference import sorted_dispatch
 
@@ -267,11 +267,20 @@ def _fused_problem(m, d, hd, e, k, case, seed, device):
 
 @pytest.mark.gpu
 @requires_kernels
-@pytest.mark.parametrize("shape", FUSED_CASES, ids=lambda c: f"{c[-1]}-m{c[0]}-k{c[4]}")
-def test_fused_float32_matches_sorted_reference(shape) -> None:
+@pytest.mark.parametrize(
+    "shape,split",
+    [(c, None) for c in FUSED_CASES] + [(FUSED_CASES[1], 0), (FUSED_CASES[1], 16)],
+    ids=lambda v: f"split{v}" if not isinstance(v, tuple) else f"{v[-1]}-m{v[0]}-k{v[4]}",
+)
+def test_fused_float32_matches_sorted_reference(shape, split, monkeypatch) -> None:
     """Fused kernels with fp32 operands (full fp32 products) vs the sorted reference in
     float32 (TF32 off), forward and all six gradients, to fp32 rounding; experts that
-    get no token have exactly zero weight gradients."""
+    get no token have exactly zero weight gradients. ``split``: rows per program of
+    the weight-gradient kernels (None: the default; 0: one program per expert; 16:
+    every expert's rows over several programs that add with atomics; one routing case
+    each, as every new shape compiles the kernels again)."""
+    if split is not None:
+        monkeypatch.setitem(fused.WGRAD_TILES, "SPLIT", split)
     m, d, hd, e, k, case = shape
     p = _fused_problem(m, d, hd, e, k, case, seed=11, device=KERNEL_DEVICE)
     grad_out = torch.randn(m, d, dtype=torch.float64, device=KERNEL_DEVICE)
@@ -388,3 +397,217 @@ def test_fused_cuda_scale_no_sync_and_cuda_graph() -> None:
         graph.replay()
         eager = fn(**static)
     assert torch.equal(captured, eager)
+
+
+# ----------------------------------------------------------------------------- inference
+def _clear_rows(probs: Tensor, k: int) -> Tensor:
+    """(M,) bool: rows whose k+1 largest probabilities are more than 2 bf16 ulps apart
+    (there the top-k set and its order do not depend on rounding or tie-breaking)."""
+    top = probs.double().topk(min(k + 1, probs.shape[1]), dim=1).values
+    gaps = top[:, :-1] - top[:, 1:]
+    return (gaps > 2 * 2.0**-8 * top[:, :-1].abs()).all(dim=1)
+
+
+@pytest.mark.gpu
+@requires_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,e,k", [(1, 16, 4), (37, 16, 4), (1201, 16, 4), (45, 6, 3), (9, 5, 1)])
+def test_fused_top_k_matches_vmoe_top_k(m: int, e: int, k: int, dtype: torch.dtype) -> None:
+    """One-kernel gate (softmax, top-k, sort histogram) vs :func:`vmoe_top_k` (torch's
+    softmax + topk) and a stable argsort: gates within one ulp of the logits' dtype
+    (the kernel's exp/division round differently in the last fp32 bits), the same
+    experts in the same order wherever the top k+1 probabilities are not within two
+    ulps of each other (ties), and the sorted layout of the kernel's own choice."""
+    g = torch.Generator().manual_seed(m * 100 + e)
+    logits = (torch.randn(m, e, generator=g) * 2).to(dtype).to(KERNEL_DEVICE)
+    ids, gates, sort = fused_top_k(logits, k)
+    ref = vmoe_top_k(logits, k, with_stats=False)
+    assert ids.dtype == torch.long and gates.dtype == dtype
+    assert ids.shape == gates.shape == (m, k)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20  # bf16: 1 ulp; fp32: 8
+    torch.testing.assert_close(gates.double(), ref.gates.double(), rtol=ulp, atol=0)
+    probs = logits.float().softmax(-1).to(dtype)
+    clear = _clear_rows(probs, k).to(KERNEL_DEVICE)
+    assert clear.float().mean() > 0.3  # the comparison covers a good share of rows
+    assert torch.equal(ids[clear], ref.expert_ids[clear])
+    # each gate is its expert's probability
+    torch.testing.assert_close(probs.gather(1, ids).double(), gates.double(), rtol=ulp, atol=0)
+    assert (ids.sort(1).values.diff(dim=1) > 0).all()  # k distinct experts
+    flat = ids.reshape(-1).cpu()
+    assert torch.equal(sort.order.long().cpu(), torch.sort(flat, stable=True).indices)
+    assert sort.offs.tolist() == [0] + torch.bincount(flat, minlength=e).cumsum(0).tolist()
+
+
+def _moe_layer(k: int, device: str) -> MoEFFN:
+    torch.manual_seed(5)
+    layer = MoEFFN(32, 48, 8, k, router="multi_gate", num_tasks=2).to(device)
+    with torch.no_grad():
+        for p in (layer.b1, layer.b2):
+            p.normal_(0.0, 0.1)
+        layer.router.weight.mul_(8.0)  # confident routing: few near-ties
+    return layer.eval()
+
+
+@pytest.mark.gpu
+@requires_kernels
+@pytest.mark.parametrize("k", [4, 3])
+def test_moe_layer_inference_fast_path(k: int, monkeypatch) -> None:
+    """Eval MoE layer under bf16 autocast without autograd takes the one-kernel gate
+    and cached bf16 experts: output vs float64 on the same routing, routing vs
+    vmoe_top_k where not tied; the bf16 copies are reused, rebuilt after an in-place
+    weight update, dropped by train(); with autograd on, the general path runs."""
+    dev = KERNEL_DEVICE
+    layer = _moe_layer(k, dev)
+    calls = []
+    real = fused.fused_top_k
+    monkeypatch.setattr(fused, "fused_top_k", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 41, 32, device=dev)
+    tasks = torch.tensor([1, 0, 1], device=dev)
+
+    def run() -> tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
+            y, routing, _ = layer(x, tasks)
+            logits = layer.router(x, tasks).reshape(-1, 8)
+        return y, routing, logits
+
+    def check(y: Tensor, routing, logits: Tensor) -> None:
+        ref_gate = vmoe_top_k(logits, k, with_stats=False)
+        clear = _clear_rows(logits.float().softmax(-1).to(logits.dtype), k)
+        assert clear.float().mean() > 0.5
+        assert torch.equal(routing.expert_ids[clear], ref_gate.expert_ids[clear])
+        p64 = [t.detach().double().cpu() for t in (layer.w1, layer.b1, layer.w2, layer.b2)]
+        ref = sorted_dispatch(
+            x.reshape(-1, 32).double().cpu(),
+            routing.expert_ids.cpu(),
+            routing.gates.double().cpu(),
+            *p64,
+        )
+        assert y.dtype == torch.bfloat16
+        assert rel_err(y.reshape(-1, 32), ref) < 1.5e-2
+
+    y, routing, logits = run()
+    assert len(calls) == 1
+    check(y, routing, logits)
+    copies = layer._bf16_cache["experts"][1]
+    assert layer._bf16_cache["router"][1][0].dtype == torch.bfloat16
+    run()
+    assert layer._bf16_cache["experts"][1] is copies  # cached
+    with torch.no_grad():
+        layer.w1.mul_(-1.5)  # in place: the version changes
+    y2, routing2, logits2 = run()
+    assert layer._bf16_cache["experts"][1] is not copies
+    check(y2, routing2, logits2)
+    with torch.no_grad():  # the router's gates too
+        layer.router.weight.mul_(-1.0)
+    check(*run())
+    layer.train()
+    assert layer._bf16_cache == {}
+    layer.eval()
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        layer(x, tasks)  # autograd on: the general path
+    assert len(calls) == 4
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_moe_layer_inference_no_sync_and_cuda_graph() -> None:
+    """The eval fast path at NYUD scale (1201 tokens x 8 images) synchronises nothing
+    with the host and replays from a CUDA graph with the eager result on new tokens."""
+    torch.manual_seed(6)
+    layer = MoEFFN(384, 384, 16, 4, router="multi_gate", num_tasks=4).cuda().eval()
+    x = torch.randn(8, 1201, 384, device="cuda")
+    tasks = torch.full((8,), 2, device="cuda")
+
+    def fwd() -> Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return layer(x, tasks)[0]
+
+    with torch.inference_mode():
+        fwd()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fwd()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fwd()
+        x.copy_(torch.randn(8, 1201, 384, device="cuda"))
+        graph.replay()
+        assert torch.equal(captured, fwd())
+
+
+# ----------------------------------------------------------------------------- backbone
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("d", [384, 48])
+def test_layer_norm_autocast_matches_layer_norm(d: int, monkeypatch) -> None:
+    """One-kernel LayerNorm to bf16 (rows of a strided token slice) vs torch's fp32
+    LayerNorm rounded to bf16: at most one bf16 ulp apart, nearly all equal, within
+    bf16 rounding of float64; not used with autograd or without autocast."""
+    from mmseg_m3vit.models import fast_layer_norm as fln
+
+    torch.manual_seed(7)
+    norm = torch.nn.LayerNorm(d, eps=1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    tokens = torch.randn(3, 1 + 37, d, device="cuda") * 3 + 1
+    x = tokens[:, 1:]  # strided rows, as the head's slice
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fln.layer_norm_autocast(norm, x)
+    ref = torch.nn.functional.layer_norm(x, (d,), norm.weight, norm.bias, 1e-6)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    torch.testing.assert_close(y.float(), ref.bfloat16().float(), rtol=2.0**-7, atol=1e-6)
+    assert (y == ref.bfloat16()).float().mean() > 0.99
+    ref64 = torch.nn.functional.layer_norm(
+        x.double(), (d,), norm.weight.double(), norm.bias.double(), 1e-6
+    )
+    assert rel_err(y, ref64) < 4e-3
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert fln.layer_norm_autocast(norm, x) is None  # autograd on
+    with torch.no_grad():
+        assert fln.layer_norm_autocast(norm, x) is None  # no autocast
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_backbone_inference_fast_paths_match_float64(monkeypatch) -> None:
+    """Eval backbone under bf16 autocast with every inference fast path (LayerNorm to
+    bf16, one-kernel gate, cached bf16 experts, fused experts) against the float64
+    backbone: error within 3e-2 and within 1.5x (+1e-3) of the same backbone run
+    through the general bf16 path (torch LayerNorm, vmoe_top_k, sorted dispatch)."""
+    import copy
+
+    from mmseg_m3vit.models import fast_layer_norm as fln
+    from mmseg_m3vit.models.backbones import M3ViT
+
+    torch.manual_seed(8)
+    bb = M3ViT(
+        tasks=["semseg", "depth"],
+        img_size=(64, 80),
+        embed_dims=64,
+        num_heads=4,
+        num_layers=4,
+        num_experts=8,
+        top_k=4,
+        expert_hidden_dims=32,
+    ).eval()
+    img = torch.randn(2, 3, 64, 80)
+    with torch.inference_mode():
+        ref = copy.deepcopy(bb).double()(img.double(), "depth").tokens
+    bb = bb.cuda()
+    calls = []
+    real = fused.fused_top_k
+    monkeypatch.setattr(fused, "fused_top_k", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = bb(img.cuda(), "depth").tokens
+        assert len(calls) == sum(1 for m in bb.modules() if isinstance(m, MoEFFN))
+        monkeypatch.setattr(fln, "FAST_NORM_MODE", "off")
+        for m in bb.modules():
+            if isinstance(m, MoEFFN):
+                m.dispatch = "sorted"
+        base = bb(img.cuda(), "depth").tokens
+    err, base_err = rel_err(fast, ref), rel_err(base, ref)
+    assert err < 3e-2 and err <= 1.5 * base_err + 1e-3, (err, base_err)

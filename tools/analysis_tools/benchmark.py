@@ -12,7 +12,9 @@
     ViT-S backbone of equal active FLOPs at batch 1, 8 and 64, eagerly (launches
     included) and replayed from a CUDA graph; backbone + head images/s and model-FLOPs
     utilisation against the bf16 matmul peak measured in the same run (8192^3 product
-    on random data); (c') where the kernel time of backbone + head goes.
+    on random data), plus backbone + head without the head's eval BatchNorm folding
+    (the fast path of ``decode_heads/conv_fold.py``) at the largest batch; (c') where
+    the kernel time of backbone + head goes.
 
 The MoE layer alone is benchmarked by ``benchmark_moe.py`` beside this file.
 Timing: CUDA events around each repetition after warm-up, median over repetitions
@@ -299,9 +301,12 @@ def inference_part(
 
         return run
 
+    from mmseg_m3vit.models.decode_heads import conv_fold
+
     flops = {}
     with torch.inference_mode():
         one = torch.randn(1, 3, *size, device=device)
+        conv_fold.FOLD_MODE = "off"  # the flop counter sees aten convolutions only
         for name, model in models.items():
             for moe in model.backbone.modules():
                 if hasattr(moe, "dispatch"):
@@ -311,6 +316,7 @@ def inference_part(
             for moe in model.backbone.modules():
                 if hasattr(moe, "dispatch"):
                     moe.dispatch = "auto"
+        conv_fold.FOLD_MODE = "auto"
     modes = ["eager", "CUDA graph"] if cuda else ["eager"]
     rows, times = [], {}
     for part, label in (("backbone", "backbone"), ("full", "backbone + head")):
@@ -341,6 +347,29 @@ def inference_part(
                         ]
                     )
                     del fn
+    if cuda:  # the same pass without the head's BN folding, largest batch, graph
+        b, name = batches[-1], "M3ViT"
+        x = torch.randn(b, 3, *size, device=device)
+        conv_fold.FOLD_MODE = "off"
+        with torch.inference_mode():
+            fn = graphed(runner(models[name], x, "full"))
+            ms = bench(fn, device, warmup=3, reps=reps)
+        conv_fold.FOLD_MODE = "auto"
+        f = flops[name, "full"]["total"]
+        rows.append(
+            [
+                "backbone + head, BN not folded",
+                name,
+                str(b),
+                "CUDA graph",
+                f"{ms:.2f}",
+                f"{ms / b:.3f}",
+                f"{f / 1e9:.1f}",
+                f"{100 * f * b / (ms * 1e-3) / 1e12 / peak_tflops:.1f}%",
+                f"{times[name, 'full', b, 'CUDA graph'] / ms:.2f}x",
+            ]
+        )
+        del fn
     text = ""
     if cuda:  # what bounds it: kernel time and achieved rate per class, largest batch
         b = batches[-1]

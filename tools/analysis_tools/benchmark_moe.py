@@ -110,6 +110,12 @@ def implementations(p: Problem, device: str, compile_: bool) -> dict[str, Callab
         if name == "loop" and p.m > 20000:
             continue  # minutes at batch 64; its scaling is clear from the smaller rows
         impls[name] = p.moe(fn)
+    if device == "cuda" and not p.x.requires_grad:  # inference: the layer's bf16 copies
+        w16 = tuple(w.detach().bfloat16() for w in p.experts)
+        fn = DISPATCH_IMPLS["fused"]
+        impls["fused, expert weights kept in bf16 (eval layer)"] = lambda: fn(
+            p.x, p.ids, p.gates, *w16
+        )
     if device == "cuda" and compile_:
         impls["grouped + torch.compile"] = p.moe(torch.compile(grouped_dispatch))
     return impls
@@ -205,14 +211,21 @@ def tile_sweep(p: Problem, reps: int) -> str:
     from mmseg_m3vit.models.moe import fused
 
     gemm0, wgrad0 = dict(fused.GEMM_TILES), dict(fused.WGRAD_TILES)
-    shapes = [  # BM, BN, BK, warps, stages
+    gemm_shapes = [  # BM, BN, BK, warps, stages
         (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
         (128, 128, 32, 8, 4),
-        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+    ]
+    wgrad_shapes = [  # BM, BN, BK, warps, stages, rows per program (0: whole expert)
+        (128, 64, 64, 4, 4, 0),
+        (128, 128, 64, 4, 3, 0),
+        (128, 128, 64, 4, 3, 256),
+        (128, 128, 64, 4, 3, 512),
+        (128, 128, 64, 4, 3, 1024),
+        (128, 128, 64, 4, 4, 512),
+        (128, 128, 64, 8, 3, 512),
+        (128, 64, 64, 4, 4, 512),
+        (64, 128, 64, 4, 4, 512),
     ]
     fwd = p.moe(DISPATCH_IMPLS["fused"])
 
@@ -226,16 +239,24 @@ def tile_sweep(p: Problem, reps: int) -> str:
         return run
 
     rows = []
-    for which, cfg in (("GEMM", fused.GEMM_TILES), ("weight-grad", fused.WGRAD_TILES)):
-        for bm, bn, bk, w, st in shapes:
+    for which, cfg, shapes in (
+        ("GEMM", fused.GEMM_TILES, gemm_shapes),
+        ("weight-grad", fused.WGRAD_TILES, wgrad_shapes),
+    ):
+        for shape in shapes:
+            bm, bn, bk, w, st = shape[:5]
             cfg.update(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
+            label = f"{bm}x{bn}x{bk} w{w} s{st}"
+            if len(shape) > 5:
+                cfg.update(SPLIT=shape[5])
+                label += f" split {shape[5]}"
             try:
                 with torch.no_grad():
                     f = bench(step(False), "cuda", 3, reps, hide_launch=True)
                 fb = bench(step(True), "cuda", 3, reps, hide_launch=True)
-                rows.append([which, f"{bm}x{bn}x{bk} w{w} s{st}", f"{f:.3f}", f"{fb:.3f}"])
+                rows.append([which, label, f"{f:.3f}", f"{fb:.3f}"])
             except Exception as exc:  # e.g. out of shared memory for this shape
-                rows.append([which, f"{bm}x{bn}x{bk} w{w} s{st}", "failed", type(exc).__name__])
+                rows.append([which, label, "failed", type(exc).__name__])
         fused.GEMM_TILES.update(gemm0)
         fused.WGRAD_TILES.update(wgrad0)
     return table(

@@ -19,6 +19,7 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
+from ..fast_layer_norm import layer_norm_autocast
 from ..moe import ROUTER_VARIANTS, MoEFFN, MoERouting
 from ..task_order import TaskNamesMixin, attach_task_names
 from .pos_embed import resize_pos_embed
@@ -101,11 +102,18 @@ class Block(nn.Module):
         self, x: Tensor, task_ids: Tensor | None
     ) -> tuple[Tensor, MoERouting | None, Tensor | None]:
         """x (B, N, D) -> (x, routing or None, balance loss or None)."""
-        x = x + self.attn(self.norm1(x))
+        x = x + self.attn(_norm(self.norm1, x))
         if not self.is_moe:
-            return x + self.mlp(self.norm2(x)), None, None
-        y, routing, loss = self.moe(self.norm2(x), task_ids)
+            return x + self.mlp(_norm(self.norm2, x)), None, None
+        y, routing, loss = self.moe(_norm(self.norm2, x), task_ids)
         return x + y, routing, loss
+
+
+def _norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """``norm(x)``; in inference under CUDA autocast written directly in the autocast
+    dtype that its matmul consumers cast to (:mod:`..fast_layer_norm`)."""
+    y = layer_norm_autocast(norm, x)
+    return norm(x) if y is None else y
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -341,7 +349,8 @@ class M3ViT(TaskNamesMixin, BaseModule):
             x, r, layer_loss = block(x, task_ids)
             if r is not None:
                 routing.append(r)
-                loss = loss + layer_loss
+                if self.training:  # layers return 0 in eval: no add launches there
+                    loss = loss + layer_loss
         return x, routing, loss
 
     def forward(self, x: Tensor, task: str | Tensor | Sequence[str] | None = None) -> M3ViTOutput:

@@ -13,6 +13,8 @@ from mmseg.structures import SegDataSample
 from torch import Tensor, nn
 
 from ...tasks import get_task
+from ..fast_layer_norm import layer_norm_autocast
+from .conv_fold import fold_conv_bn_relu
 from .upsample import upsample2x
 
 OUTPUT_KINDS = ("argmax", "sigmoid", "normalize", "identity")
@@ -38,6 +40,11 @@ def default_output_kind(task: str, num_classes: int) -> str:
 class PUPHead(BaseModule):
     """Drop CLS -> LayerNorm -> (h, w) map -> [conv3x3+BN+ReLU, x2 up] x num_up ->
     conv3x3+BN+ReLU -> conv1x1 -> x2 up -> bilinear resize to the input size.
+
+    Inference under CUDA autocast (eval, no autograd) takes two fast paths chosen
+    automatically: the LayerNorm writes the autocast dtype directly
+    (:mod:`..fast_layer_norm`) and each conv + BN + ReLU runs as one conv with the BN
+    folded in (:mod:`.conv_fold`).
 
     API as mmseg's decode heads: :meth:`forward` (features -> logits), :meth:`loss`
     / :meth:`loss_by_feat` (ground truth read from ``SegDataSample.<gt_field>`` of the
@@ -142,10 +149,13 @@ class PUPHead(BaseModule):
         h, w = grid
         if n != 1 + h * w:
             raise ValueError(f"PUPHead({self.task}): {n} tokens do not match 1 + {h}x{w}")
-        x = self.norm(tokens[:, 1:]).transpose(1, 2).reshape(b, d, h, w)
+        x = layer_norm_autocast(self.norm, tokens[:, 1:])  # eval + autocast on CUDA
+        x = self.norm(tokens[:, 1:]) if x is None else x
+        x = x.transpose(1, 2).reshape(b, d, h, w)
         feats = []
         for i, conv in enumerate(self.convs):
-            x = conv(x)
+            y = fold_conv_bn_relu(conv, x)  # eval + autocast on CUDA: BN folded
+            x = conv(x) if y is None else y
             feats.append(x)
             if i < self.num_up:
                 x = self._up_step(x, 2)

@@ -18,7 +18,12 @@ Forward, with no host synchronisation (so a CUDA graph can capture it):
 
 Backward: the gate gradient (row dot products), one grouped GEMM for the hidden-layer
 gradient with the gate scale and GELU' in its epilogue, two weight-gradient kernels
-(with the bias gradients), one grouped GEMM for the input rows and one slot sum.
+(with the bias gradients; each expert's rows split over several programs that add
+their partial products with fp32 atomics), one grouped GEMM for the input rows and
+one slot sum.
+
+Inference (:func:`fused_top_k`): the router's softmax, top-k and the sort's histogram
+run in one kernel before the same forward.
 Operands are bf16 with fp32 accumulation; weight and bias gradients are written in
 fp32 and returned in the parameters' dtype. The kernels are in :mod:`.fused_kernels`;
 this path is used for CUDA tensors computed in bf16 (:func:`fused_usable`).
@@ -48,8 +53,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Tile shapes (rows x columns x reduction, warps, pipeline stages) of the grouped GEMM
 #: and weight-gradient kernels, from the tile sweep of
 #: ``tools/analysis_tools/benchmark_moe.py --tile-sweep`` on an H200 (benchmarks/RESULTS.md).
+#: ``SPLIT`` of the weight-gradient kernels: sorted rows per program (each expert's row
+#: reduction split over programs that add into fp32 with atomics), 0 = one program per
+#: expert and tile.
 GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
-WGRAD_TILES = dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4)
+WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 _SORT_BLOCK_ELEMS = 8192  # BLOCK x E_P2 one-hot elements per sort program
 
@@ -71,8 +79,17 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def sort_block(num_experts: int) -> int:
+    """Assignments per program of the counting sort (a power of two)."""
+    return max(16, _SORT_BLOCK_ELEMS // max(_next_pow2(num_experts), 2))
+
+
 class ExpertSort:
     """Sorted layout of the (token, slot) assignments, computed on the device.
+
+    ``hist``: the per-block expert histogram (blocks of :func:`sort_block` assignments,
+    (blocks, E rounded up to a power of two) int32) when the gate kernel already
+    counted it (:func:`fused_top_k`); else the first sort kernel computes it.
 
     Attributes:
         order: (R,) int32 flat index ``m*k + j`` at each sorted position.
@@ -80,20 +97,25 @@ class ExpertSort:
         num_experts: E. top_k: k.
     """
 
-    def __init__(self, expert_ids: Tensor, num_experts: int) -> None:
+    def __init__(self, expert_ids: Tensor, num_experts: int, hist: Tensor | None = None) -> None:
         m, k = expert_ids.shape
         r = m * k
         ids = expert_ids.reshape(-1)
         e_p2 = max(_next_pow2(num_experts), 2)
-        block = max(16, _SORT_BLOCK_ELEMS // e_p2)
+        block = sort_block(num_experts)
         blocks = triton.cdiv(r, block) if r else 0
         self.order = torch.empty(r, dtype=torch.int32, device=ids.device)
         self.offs = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
         self.num_experts, self.top_k = num_experts, k
         if r == 0:
             return
-        hist = torch.empty(blocks, e_p2, dtype=torch.int32, device=ids.device)
-        kernels.expert_histogram_kernel[(blocks,)](ids, hist, r, E_P2=e_p2, BLOCK=block)
+        if hist is None:
+            hist = torch.empty(blocks, e_p2, dtype=torch.int32, device=ids.device)
+            kernels.expert_histogram_kernel[(blocks,)](ids, hist, r, E_P2=e_p2, BLOCK=block)
+        elif tuple(hist.shape) != (blocks, e_p2):
+            raise ValueError(
+                f"ExpertSort: hist of shape {tuple(hist.shape)}, need {(blocks, e_p2)}"
+            )
         kernels.expert_place_kernel[(blocks,)](
             ids,
             hist,
@@ -180,13 +202,21 @@ def _wgrad(
     scale: Tensor | None,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """(dw (E, K1, N1), db (E, N1)) = per expert A_e^T @ B_e and column sums of B_e."""
+    """(dw (E, K1, N1), db (E, N1)) = per expert A_e^T @ B_e and column sums of B_e
+    (in ``dtype``; in fp32 when the row reduction is split)."""
     e = sort.num_experts
     k1, n1 = a.shape[1], b.shape[1]
-    dw = torch.empty(e, k1, n1, dtype=dtype, device=a.device)
-    db = torch.empty(e, n1, dtype=dtype, device=a.device)
-    cfg = WGRAD_TILES
-    grid = (triton.cdiv(k1, cfg["BM"]) * triton.cdiv(n1, cfg["BN"]), e)
+    cfg = dict(WGRAD_TILES)
+    split = cfg["SPLIT"]
+    tiles = triton.cdiv(k1, cfg["BM"]) * triton.cdiv(n1, cfg["BN"])
+    if split:  # partial sums are added with atomics: fp32 buffers that start at zero
+        dw = torch.zeros(e * k1 * n1 + e * n1, dtype=torch.float32, device=a.device)
+        dw, db = dw[: e * k1 * n1].view(e, k1, n1), dw[e * k1 * n1 :].view(e, n1)
+        grid = (tiles, triton.cdiv(sort.order.shape[0], split) + e)
+    else:
+        dw = torch.empty(e, k1, n1, dtype=dtype, device=a.device)
+        db = torch.empty(e, n1, dtype=dtype, device=a.device)
+        grid = (tiles, e)
     kernels.expert_wgrad_kernel[grid](
         a,
         a.stride(0),
@@ -199,6 +229,8 @@ def _wgrad(
         db,
         k1,
         n1,
+        E=e,
+        E_P2=max(_next_pow2(e), 2),
         TOP_K=sort.top_k,
         GATHER_A=gather_a,
         GATHER_B=gather_b,
@@ -239,7 +271,7 @@ def _forward(
     m, k = gates.shape
     r = m * k
     hd, d = w1.shape[2], w1.shape[1]
-    xb = x.to(cd).contiguous()
+    xc = x.to(cd).contiguous()  # (a GEMM load converting fp32 rows measured slower)
     w1b, b1b, w2b, b2b = (t.to(cd).contiguous() for t in (w1, b1, w2, b2))
     gb = gates.to(cd).contiguous()
     h = torch.empty(r, hd, dtype=cd, device=x.device)
@@ -247,7 +279,7 @@ def _forward(
     y = torch.empty(r, d, dtype=cd, device=x.device)
     if r:
         _gemm(
-            xb,
+            xc,
             sort,
             w1b,
             False,
@@ -261,7 +293,7 @@ def _forward(
         )
         _gemm(h, sort, w2b, False, y, gather_a=False, scatter_out=True, bias=b2b)
     out = _combine(y, gb, m, k, cd)
-    return out, ((xb, gb, w1b, w2b, pre, h, y) if save else ())
+    return out, ((xc, gb, w1b, w2b, pre, h, y) if save else ())
 
 
 class _FusedExpertFFN(torch.autograd.Function):
@@ -287,7 +319,7 @@ class _FusedExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        xb, gb, w1b, w2b, pre, h, y = ctx.saved_tensors
+        xc, gb, w1b, w2b, pre, h, y = ctx.saved_tensors
         sort: ExpertSort = ctx.sort
         x_dtype, g_dtype, w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         m, k = gb.shape
@@ -322,7 +354,7 @@ class _FusedExpertFFN(torch.autograd.Function):
             h, db16, sort, gather_a=False, gather_b=True, scale=gb, dtype=torch.float32
         )
         dw1, db1 = _wgrad(
-            xb, dpre, sort, gather_a=True, gather_b=False, scale=None, dtype=torch.float32
+            xc, dpre, sort, gather_a=True, gather_b=False, scale=None, dtype=torch.float32
         )
         dx = None
         if ctx.needs_input_grad[0]:
@@ -351,6 +383,7 @@ def fused_expert_ffn(
     w2: Tensor,
     b2: Tensor,
     compute_dtype: torch.dtype = torch.bfloat16,
+    sort: ExpertSort | None = None,
 ) -> Tensor:
     """Dropless top-k expert FFN through the fused kernels (shapes: module docstring).
 
@@ -359,12 +392,53 @@ def fused_expert_ffn(
     ``compute_dtype``. Differentiable in ``x``, ``gates`` and all weights; the
     backward skips the input and gate kernels whose gradients are not needed. Runs
     where the kernels can (:func:`fused_usable` without the dtype condition).
+    ``sort``: the sorted layout of ``expert_ids`` when already computed
+    (:func:`fused_top_k`).
     """
-    sort = ExpertSort(expert_ids, w1.shape[0])
+    if sort is None:
+        sort = ExpertSort(expert_ids, w1.shape[0])
     inputs = (x, gates, w1, b1, w2, b2)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _FusedExpertFFN.apply(*inputs, sort, compute_dtype)
     return _forward(*inputs, sort, False, compute_dtype)[0]
+
+
+def fused_top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor, ExpertSort]:
+    """Inference gate in one kernel: :func:`.gating.vmoe_top_k` without noise or
+    statistics, plus the sorted layout of the chosen experts.
+
+    logits (M, E) -> (expert_ids (M, k) int64, gates (M, k) in the logits' dtype,
+    :class:`ExpertSort`). The softmax runs in fp32 and is rounded to the logits' dtype
+    before the top-k, as in ``vmoe_top_k``; equal probabilities go to the lower expert
+    index. No autograd (the gates carry no gradient to the router). When k is a power of
+    two the gate kernel also counts the sort's per-block histogram (one launch less).
+    """
+    m, e = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    e_p2 = max(_next_pow2(e), 2)
+    ids = torch.empty(m, k, dtype=torch.long, device=logits.device)
+    gates = torch.empty(m, k, dtype=logits.dtype, device=logits.device)
+    block = sort_block(e)
+    fuse_hist = block % k == 0 and _next_pow2(k) == k
+    block_m = block // k if fuse_hist else 64
+    blocks = triton.cdiv(m, block_m) if m else 0
+    hist = torch.empty(blocks, e_p2, dtype=torch.int32, device=logits.device) if fuse_hist else None
+    if m:
+        kernels.top_k_gate_kernel[(blocks,)](
+            logits,
+            logits.stride(0),
+            ids,
+            gates,
+            hist if hist is not None else ids,
+            m,
+            E=e,
+            E_P2=e_p2,
+            TOP_K=k,
+            BLOCK_M=block_m,
+            HIST=fuse_hist,
+        )
+    return ids, gates, ExpertSort(ids, e, hist)
 
 
 def fused_dispatch(

@@ -17,7 +17,10 @@ Kernels:
   rows by the gate, multiplies by GELU'(pre-activation) and writes rows either in sorted
   order or scattered to their flat index (so the slot combine reads contiguous rows).
 - :func:`expert_wgrad_kernel`: per-expert weight gradients ``A_e^T @ B_e`` (rows of
-  either operand gathered on load, B optionally gate-scaled) and the bias gradient.
+  either operand gathered on load, B optionally gate-scaled) and the bias gradient,
+  each expert's row reduction optionally split over several programs (fp32 atomics).
+- :func:`top_k_gate_kernel`: softmax + top-k of the router logits (inference) and the
+  per-block expert histogram of the counting sort, in one launch.
 - :func:`slot_combine_kernel`: ``out[m] = sum_j g[m, j] * y[m*k + j]`` (g optional).
 - :func:`slot_dot_kernel`: ``dg[m, j] = <dout[m], y[m*k + j]>`` (the gate gradient).
 
@@ -168,7 +171,8 @@ def expert_gemm_kernel(
     """out[row(r)] = epilogue(A[src(r)] @ W[e]) for the sorted rows r of expert e.
 
     src(r) = order[r] // TOP_K (GATHER_A: the token) or r; row(r) = order[r]
-    (SCATTER_OUT: the flat index) or r. W[e] is (K, N) with the given strides.
+    (SCATTER_OUT: the flat index) or r. W[e] is (K, N) with the given strides; A rows
+    are converted to W's dtype as they are loaded (a no-op for the bf16 operands).
     Epilogue, in this order: + bias[e] (HAS_BIAS); store the pre-activation to
     ``pre[r]`` (SAVE_PRE); GELU; * scale[order[r]] (SCALE_ROWS); * GELU'(pre[r])
     (GELU_GRAD, ``pre`` read). One program: BM rows x BN columns.
@@ -198,7 +202,7 @@ def expert_gemm_kernel(
         kmask = (k0 + ks) < K
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = _dot(a, w, acc)
+        acc = _dot(a.to(w.dtype), w, acc)
         a_ptrs += BK
         w_ptrs += BK * stride_wk
     omask = rmask[:, None] & cmask[None, :]
@@ -237,11 +241,14 @@ def expert_wgrad_kernel(
     db_ptr,
     K1,
     N1,
+    E: tl.constexpr,
+    E_P2: tl.constexpr,
     TOP_K: tl.constexpr,
     GATHER_A: tl.constexpr,
     GATHER_B: tl.constexpr,
     SCALE_B: tl.constexpr,
     HAS_DB: tl.constexpr,
+    SPLIT: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -249,16 +256,28 @@ def expert_wgrad_kernel(
     """dw[e] (K1, N1) = A_e^T @ B_e and db[e] (N1) = column sums of B_e (fp32).
 
     A_e / B_e: the rows of expert e, gathered by token (GATHER_*) or read in sorted
-    order; B rows are scaled by scale[order[r]] (SCALE_B) and rounded to B's dtype
-    before the product. Program (tile, e): BM x BN of dw[e]; loops over e's rows.
+    order; A is converted to B's dtype on load; B rows are scaled by scale[order[r]]
+    (SCALE_B) and rounded to B's dtype before the product.
+
+    SPLIT = 0: program (tile, e) computes one BM x BN tile of dw[e] over all of e's
+    rows and stores it. SPLIT > 0: program (tile, c) takes chunk c of at most SPLIT
+    sorted rows of one expert (chunks never straddle two experts, as the GEMM's row
+    tiles) and adds its partial tile to dw / db with fp32 atomics (the buffers must
+    start zeroed; the order of the additions, and so the last bits, may vary).
     """
     pid = tl.program_id(0)
-    e = tl.program_id(1)
     num_n = tl.cdiv(N1, BN)
     pid_m = pid // num_n
     pid_n = pid % num_n
-    start = tl.load(offs_ptr + e)
-    end = tl.load(offs_ptr + e + 1)
+    if SPLIT > 0:
+        e, start, e_end = _row_tile(offs_ptr, tl.program_id(1), E, E_P2, SPLIT)
+        if e >= E:
+            return
+        end = tl.minimum(start + SPLIT, e_end)
+    else:
+        e = tl.program_id(1)
+        start = tl.load(offs_ptr + e)
+        end = tl.load(offs_ptr + e + 1)
     cm = pid_m * BM + tl.arange(0, BM)
     cn = pid_n * BN + tl.arange(0, BN)
     mmask = cm < K1
@@ -291,14 +310,73 @@ def expert_wgrad_kernel(
         if SCALE_B:
             scale = tl.load(scale_ptr + flat, mask=rmask, other=0.0).to(tl.float32)
             b = (b.to(tl.float32) * scale[:, None]).to(b_ptr.dtype.element_ty)
-        acc = _dot(tl.trans(a), b, acc)
+        acc = _dot(tl.trans(a.to(b.dtype)), b, acc)
         if HAS_DB:
             db += tl.sum(b.to(tl.float32), axis=0)
     dw_ptrs = dw_ptr + e.to(tl.int64) * K1 * N1 + cm[:, None] * N1 + cn[None, :]
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-    if HAS_DB:
-        if pid_m == 0:
-            tl.store(db_ptr + e * N1 + cn, db.to(db_ptr.dtype.element_ty), mask=nmask)
+    wmask = mmask[:, None] & nmask[None, :]
+    if SPLIT > 0:
+        tl.atomic_add(dw_ptrs, acc, mask=wmask, sem="relaxed")
+        if HAS_DB:
+            if pid_m == 0:
+                tl.atomic_add(db_ptr + e * N1 + cn, db, mask=nmask, sem="relaxed")
+    else:
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=wmask)
+        if HAS_DB:
+            if pid_m == 0:
+                tl.store(db_ptr + e * N1 + cn, db.to(db_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def top_k_gate_kernel(
+    logits_ptr,
+    stride_lm,
+    ids_ptr,
+    gates_ptr,
+    hist_ptr,
+    M,
+    E: tl.constexpr,
+    E_P2: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HIST: tl.constexpr,
+):
+    """V-MoE gate of BLOCK_M tokens: softmax over the E logits in fp32, rounded to the
+    gates' dtype, then the TOP_K largest (ties: the lower expert index first).
+
+    Writes ids (M, TOP_K) int64 and gates (M, TOP_K), highest first; with HIST also
+    hist[s, e] = the number of assignments to e among this block's M*TOP_K flat ones
+    (the first pass of :func:`expert_place_kernel`, for blocks of BLOCK_M * TOP_K).
+    """
+    s = tl.program_id(0)
+    rows = s * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cols = tl.arange(0, E_P2)
+    cmask = cols < E
+    x = tl.load(
+        logits_ptr + rows.to(tl.int64)[:, None] * stride_lm + cols[None, :],
+        mask=rmask[:, None] & cmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    x = tl.where(cmask[None, :], x, float("-inf"))
+    mx = tl.max(x, axis=1)
+    ex = tl.exp(x - mx[:, None])
+    p = ex / tl.sum(ex, axis=1)[:, None]
+    p = p.to(gates_ptr.dtype.element_ty).to(tl.float32)
+    p = tl.where(cmask[None, :], p, -1.0)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, axis=1)
+        idx = tl.min(tl.where(p == best[:, None], cols[None, :], E_P2), axis=1)
+        f = rows.to(tl.int64) * TOP_K + j
+        tl.store(ids_ptr + f, idx.to(tl.int64), mask=rmask)
+        tl.store(gates_ptr + f, best.to(gates_ptr.dtype.element_ty), mask=rmask)
+        hit = cols[None, :] == idx[:, None]
+        p = tl.where(hit, -1.0, p)
+        if HIST:
+            counts += tl.sum((hit & rmask[:, None]).to(tl.int32), axis=0)
+    if HIST:
+        tl.store(hist_ptr + s * E_P2 + cols, counts)
 
 
 @triton.jit

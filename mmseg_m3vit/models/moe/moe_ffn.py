@@ -7,10 +7,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .dispatch import get_dispatch
 from .gating import balance_loss, check_moe_sizes, vmoe_top_k
 from .reference import DispatchFn
-from .routers import build_router
+from .routers import MultiGateRouter, build_router
 
 
 class MoERouting(NamedTuple):
@@ -46,6 +47,13 @@ class MoEFFN(nn.Module):
 
     This layer initialises its experts (:meth:`reset_expert_parameters`); the
     backbone does not touch them.
+
+    Inference fast path (chosen automatically): in eval mode without autograd, with the
+    'auto' or 'fused' dispatch and bf16 compute on CUDA, the gate runs as one kernel
+    (:func:`.fused.fused_top_k`) and the experts (and a multi-gate router) read bf16
+    copies of their weights made once and kept until a weight changes (in place or
+    replaced) or the layer is put in training mode. A CUDA graph captured on this path
+    reads the copies it found at capture: capture again after changing the weights.
     """
 
     def __init__(
@@ -72,6 +80,44 @@ class MoEFFN(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dims, dim))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
         self.reset_expert_parameters()
+        #: inference copies of weights in bf16: name -> (key, tensors)
+        self._bf16_cache: dict[str, tuple[tuple, tuple[Tensor, ...]]] = {}
+
+    def train(self, mode: bool = True) -> MoEFFN:
+        """As ``nn.Module.train``; entering training drops the inference weight copies."""
+        if mode:
+            self._bf16_cache = {}
+        return super().train(mode)
+
+    def _inference_copies(self, name: str, params: tuple[Tensor, ...], dtype: torch.dtype):
+        """``params`` in ``dtype``, cast once and reused while every parameter is the
+        same tensor at the same version (in-place updates bump the version)."""
+        key = (dtype,) + tuple((p.data_ptr(), p._version, p.shape, p.device) for p in params)
+        hit = self._bf16_cache.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, tuple(p.detach().to(dtype).contiguous() for p in params))
+            self._bf16_cache[name] = hit
+        return hit[1]
+
+    def _fast_inference(self, x: Tensor) -> bool:
+        """Whether this call takes the inference fast path (class docstring)."""
+        if self.training or self.dispatch not in ("auto", "fused") or fused.kernels is None:
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return False
+        return fused.fused_usable(x, self.w1)
+
+    def _router_logits(self, x: Tensor, task_ids: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The router's logits on the fast path: a multi-gate router's (T, D, E) gates
+        come from a cached copy in ``dtype`` (the dtype its autocast bmm casts them to:
+        the same numbers, one cast launch less per call)."""
+        if type(self.router) is MultiGateRouter and task_ids is not None:
+            (w,) = self._inference_copies("router", (self.router.weight,), dtype)
+            return torch.bmm(x, w.index_select(0, task_ids))
+        return self.router(x, task_ids)
 
     def reset_expert_parameters(self) -> None:
         """Expert matrices truncated normal with std 0.02 (the ViT init of every other
@@ -94,6 +140,15 @@ class MoEFFN(nn.Module):
             each task's tokens forming one router call), 0 when not training.
         """
         b, n, d = x.shape
+        x2 = x.reshape(b * n, d)
+        if self._fast_inference(x2):
+            cd = torch.bfloat16
+            logits = self._router_logits(x, task_ids, cd)
+            ids, gates, sort = fused.fused_top_k(logits.reshape(b * n, -1), self.top_k)
+            experts = self._inference_copies("experts", (self.w1, self.b1, self.w2, self.b2), cd)
+            y = fused.fused_expert_ffn(x2, ids, gates, *experts, sort=sort)
+            loss = x.new_zeros((), dtype=torch.float32)
+            return y.reshape(b, n, d), MoERouting(ids, gates), loss
         logits = self.router(x, task_ids)
         gate = vmoe_top_k(
             logits.reshape(b * n, -1),
