@@ -59,6 +59,8 @@ class MemoryOption:
         simd / pe: folding. ram_style: ``'ultra'`` or ``'block'``.
         bram18 / uram: blocks used (finn-plus's MVAU estimators).
         dsp: DSPs of the MAC array (finn-plus's estimator). cycles: per frame.
+        lut: LUTs (finn-plus's estimator). res_type: where an HLS MVAU's multipliers go
+            (``'lut'`` or ``'dsp'``; None for the RTL MVAU, which always uses DSPs).
     """
 
     simd: int
@@ -68,6 +70,8 @@ class MemoryOption:
     uram: int
     dsp: int
     cycles: int
+    lut: int = 0
+    res_type: str | None = None
 
     def attrs(self) -> dict[str, Any]:
         """The node attributes of this option (folding JSON entry)."""
@@ -78,6 +82,8 @@ class MemoryOption:
             "ram_style": self.ram_style,
         }
         out["runtime_writeable_weights"] = 1 if self.ram_style == "ultra" else 0
+        if self.res_type is not None:
+            out["resType"] = self.res_type
         return out
 
 
@@ -85,8 +91,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def evaluate(inst: Any, simd: int, pe: int, ram_style: str, part: str) -> MemoryOption:
-    """Estimate one folding of an MVAU instance (on a copy of its node)."""
+def evaluate(
+    inst: Any, simd: int, pe: int, ram_style: str, part: str, res_type: str | None = None
+) -> MemoryOption:
+    """Estimate one folding of an MVAU instance (on a copy of its node); ``res_type``
+    sets an HLS MVAU's ``resType`` (None: leave it)."""
     from qonnx.custom_op.registry import getCustomOp
 
     node = copy.deepcopy(inst.onnx_node)
@@ -96,6 +105,8 @@ def evaluate(inst: Any, simd: int, pe: int, ram_style: str, part: str) -> Memory
     trial.set_nodeattr("mem_mode", "internal_decoupled")
     trial.set_nodeattr("ram_style", ram_style)
     trial.set_nodeattr("runtime_writeable_weights", 1 if ram_style == "ultra" else 0)
+    if res_type is not None:
+        trial.set_nodeattr("resType", res_type)
     return MemoryOption(
         simd=simd,
         pe=pe,
@@ -104,35 +115,42 @@ def evaluate(inst: Any, simd: int, pe: int, ram_style: str, part: str) -> Memory
         uram=int(trial.uram_estimation(part)),
         dsp=int(trial.dsp_estimation(part)),
         cycles=int(trial.get_exp_cycles()),
+        lut=int(trial.lut_estimation(part)),
+        res_type=res_type,
     )
 
 
 def options(inst: Any, part: str, max_cycles: int) -> tuple[MemoryOption | None, MemoryOption]:
     """(best URAM option or None, best BRAM option) of one MVAU within ``max_cycles``.
 
-    URAM: 64-72-bit words, fewest blocks, then fewest DSPs. BRAM: fewest BRAM_18K among
-    the foldings that meet the cycle budget, then fewest DSPs, then the widest word.
+    URAM: 64-72-bit words, fewest blocks, then fewest LUTs, then fewest DSPs. BRAM:
+    fewest BRAM_18K among the foldings that meet the cycle budget, then fewest LUTs, then
+    fewest DSPs, then the widest word. An HLS MVAU (multipliers in LUTs by default) is
+    also tried with its multipliers in DSPs (``resType='dsp'``): the LUTs are the scarcer
+    resource of this design, the DSPs are not.
     """
     mw, mh = int(inst.get_nodeattr("MW")), int(inst.get_nodeattr("MH"))
     wbits = int(inst.get_input_datatype(1).bitwidth())
+    res_types = ("lut", "dsp") if inst.onnx_node.op_type == "MVAU_hls" else (None,)
     uram: list[MemoryOption] = []
     bram: list[MemoryOption] = []
     for simd in _divisors(mw):
         for pe in _divisors(mh):
             lanes = simd * pe
-            if URAM_WORD_BITS[0] <= lanes * wbits <= URAM_WORD_BITS[1]:
-                opt = evaluate(inst, simd, pe, "ultra", part)
+            for res in res_types:
+                if URAM_WORD_BITS[0] <= lanes * wbits <= URAM_WORD_BITS[1]:
+                    opt = evaluate(inst, simd, pe, "ultra", part, res)
+                    if opt.cycles <= max_cycles:
+                        uram.append(opt)
+                opt = evaluate(inst, simd, pe, "block", part, res)
                 if opt.cycles <= max_cycles:
-                    uram.append(opt)
-            opt = evaluate(inst, simd, pe, "block", part)
-            if opt.cycles <= max_cycles:
-                bram.append(opt)
-    best_u = min(uram, key=lambda o: (o.uram, o.dsp, o.cycles)) if uram else None
+                    bram.append(opt)
+    best_u = min(uram, key=lambda o: (o.uram, o.lut, o.dsp, o.cycles)) if uram else None
     if not bram:
         raise ValueError(
             f"{inst.onnx_node.name}: no folding of {mw}x{mh} meets {max_cycles} cycles"
         )
-    best_b = min(bram, key=lambda o: (o.bram18, o.dsp, -o.simd * o.pe))
+    best_b = min(bram, key=lambda o: (o.bram18, o.lut, o.dsp, -o.simd * o.pe))
     return best_u, best_b
 
 
@@ -187,6 +205,7 @@ def plan(
             "uram": choice.uram,
             "bram18": choice.bram18,
             "dsp": choice.dsp,
+            "lut": choice.lut,
             "cycles": choice.cycles,
             "options": {
                 "ultra": None if best_u is None else vars(best_u),
@@ -194,6 +213,74 @@ def plan(
             },
         }
     return out
+
+
+@dataclass(frozen=True)
+class ThresholdOption:
+    """One memory style of an RTL thresholding layer's stages.
+
+    Attributes:
+        depth_trigger_bram: the node attribute: stages at least this deep go to BRAM,
+            the others to LUTRAM (0: finn-plus's ``auto`` rule per stage).
+        lut / bram18: resources as generated (:func:`finn_flow.cost_models.
+            thresholding_rtl_as_generated`: memories and comparators).
+    """
+
+    depth_trigger_bram: int
+    lut: float
+    bram18: float
+
+
+def threshold_options(model: Any, node: Any) -> list[ThresholdOption]:
+    """The node's current memory style first, then every stage depth as the BRAM
+    trigger (deepest first: one stage in BRAM, then two, ...)."""
+    import dataclasses
+
+    from finn_flow.cost_models import threshold_table, thresholding_rtl_as_generated
+
+    table = threshold_table(model, node)
+    depths = sorted({table.stage_depth(s) for s in range(table.stages)}, reverse=True)
+    out = []
+    for trigger in [table.depth_trigger_bram, *depths]:
+        res = thresholding_rtl_as_generated(dataclasses.replace(table, depth_trigger_bram=trigger))
+        out.append(ThresholdOption(trigger, res["LUT"], res["BRAM_18K"]))
+    return out
+
+
+def choose_thresholds(
+    candidates: dict[str, list[ThresholdOption]], bram_budget: float, min_lut_per_bram: float
+) -> dict[str, ThresholdOption]:
+    """Move threshold memories from LUTRAM to BRAM where it saves the most LUTs per block.
+
+    Starts from each layer's first option (its current style) and repeatedly takes, over
+    all layers, the change of one layer's option with the most LUTs saved per BRAM_18K
+    added, as long as that ratio is at least ``min_lut_per_bram`` and the added blocks fit
+    in ``bram_budget`` (BRAM_18K the thresholding may add). A change that saves LUTs and
+    adds no block is always taken.
+
+    Returns:
+        ``{node name: chosen option}`` for every candidate.
+    """
+    chosen = {name: opts[0] for name, opts in candidates.items()}
+    left = bram_budget
+    while True:
+        best: tuple[float, str, ThresholdOption] | None = None
+        for name, opts in candidates.items():
+            cur = chosen[name]
+            for opt in opts:
+                saved, added = cur.lut - opt.lut, opt.bram18 - cur.bram18
+                if saved <= 0 or added > left:
+                    continue
+                ratio = math.inf if added <= 0 else saved / added
+                if ratio < min_lut_per_bram:
+                    continue
+                if best is None or ratio > best[0]:
+                    best = (ratio, name, opt)
+        if best is None:
+            return chosen
+        _, name, opt = best
+        left -= opt.bram18 - chosen[name].bram18
+        chosen[name] = opt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.95,
         help="fraction of the board's URAM the whole design may use",
+    )
+    p.add_argument(
+        "--bram-budget",
+        type=float,
+        default=0.85,
+        help="fraction of the board's BRAM_18K the whole design may use (threshold "
+        "memories move from LUTRAM to BRAM within it)",
+    )
+    p.add_argument(
+        "--min-lut-per-bram",
+        type=float,
+        default=100.0,
+        help="move a threshold memory to BRAM only where each BRAM_18K saves this many LUTs",
     )
     args = p.parse_args(argv)
     build = Path(args.build)
@@ -233,6 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     placed = plan(model, summary["fpga_part"], max_cycles, budget)
     for name, entry in placed.items():
         folding.setdefault(name, {}).update(entry["choice"])
+    # threshold memories: LUTRAM -> BRAM within what the MVAUs leave of the BRAM budget
+    thr_nodes = [n for n in model.graph.node if n.op_type == "Thresholding_rtl"]
+    candidates = {n.name: threshold_options(model, n) for n in thr_nodes}
+    mvau_bram = sum(lay["BRAM_18K"] for lay in layers if lay["op_type"].startswith("MVAU"))
+    thr_bram = sum(opts[0].bram18 for opts in candidates.values())
+    fixed = summary["resources"]["total"]["BRAM_18K"] - mvau_bram - thr_bram
+    new_mvau_bram = sum(e["bram18"] for e in placed.values())
+    thr_left = math.floor(args.bram_budget * cap["BRAM_18K"]) - fixed - new_mvau_bram - thr_bram
+    thr_choice = choose_thresholds(candidates, max(thr_left, 0), args.min_lut_per_bram)
+    moved = {k: v for k, v in thr_choice.items() if v != candidates[k][0]}
+    for name, opt in moved.items():
+        folding.setdefault(name, {})["depth_trigger_bram"] = opt.depth_trigger_bram
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(folding, indent=2) + "\n")
     tmp.replace(args.out)
@@ -242,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         f"blocks of a budget of {budget}), {len(placed) - n_u} in BRAM "
         f"({sum(e['bram18'] for e in placed.values())} BRAM_18K); DSP "
         f"{sum(e['dsp'] for e in placed.values())}; slowest "
-        f"{max(e['cycles'] for e in placed.values())} cycles -> {args.out}"
+        f"{max(e['cycles'] for e in placed.values())} cycles; {len(moved)} of "
+        f"{len(candidates)} threshold layers partly to BRAM (LUT "
+        f"{sum(candidates[k][0].lut - v.lut for k, v in moved.items()):.0f} less, BRAM_18K "
+        f"{sum(v.bram18 - candidates[k][0].bram18 for k, v in moved.items()):.0f} more) -> "
+        f"{args.out}"
     )
     return 0
 

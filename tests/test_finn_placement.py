@@ -95,3 +95,66 @@ def test_plan_respects_the_uram_budget(tmp_path) -> None:
         assert e["choice"]["runtime_writeable_weights"] == int(ultra)
         assert (e["uram"] > 0) == ultra and (e["bram18"] > 0) != ultra
     assert sum(e["uram"] for e in placed.values()) == 8
+
+
+def test_choose_thresholds_takes_the_best_lut_per_bram_within_budget() -> None:
+    """Hand-made options: B's move saves 400 LUT per block, A's first move 300, A's second
+    (from its first) 25; the greedy order, the budget and the ratio floor decide."""
+    from finn_flow.placement import ThresholdOption, choose_thresholds
+
+    a = [ThresholdOption(0, 1000, 0), ThresholdOption(256, 400, 2), ThresholdOption(64, 300, 6)]
+    b = [ThresholdOption(0, 500, 0), ThresholdOption(128, 100, 1)]
+    got = choose_thresholds({"A": a, "B": b}, bram_budget=3, min_lut_per_bram=100)
+    assert got == {"A": a[1], "B": b[1]}
+    got = choose_thresholds({"A": a, "B": b}, bram_budget=2, min_lut_per_bram=100)
+    assert got == {"A": a[0], "B": b[1]}  # after B, A's 2 blocks do not fit in the 1 left
+    got = choose_thresholds({"A": a, "B": b}, bram_budget=100, min_lut_per_bram=350)
+    assert got == {"A": a[0], "B": b[1]}
+    got = choose_thresholds({"A": a, "B": b}, bram_budget=100, min_lut_per_bram=20)
+    assert got == {"A": a[2], "B": b[1]}  # 100 LUT for 4 more blocks: 25 per block
+    free = [ThresholdOption(0, 300, 1), ThresholdOption(64, 200, 1)]
+    assert choose_thresholds({"F": free}, bram_budget=0, min_lut_per_bram=1e9)["F"] == free[1]
+
+
+def test_threshold_options_closed_form(tmp_path) -> None:
+    """32 per-channel tables of 255 16-bit thresholds, PE 1: stage s is 32 * 2^s deep; a
+    stage in LUTRAM costs 16 * ceil(depth / 64) LUTs, one in BRAM the fewest BRAM_18K
+    shapes; the comparators (8 stages x 16 bits) stay in LUTs."""
+    import numpy as np
+    from onnx import TensorProto, helper
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.basic import qonnx_make_model
+
+    from finn_flow.finn_env import start_finn
+    from finn_flow.placement import threshold_options
+
+    start_finn(tmp_path / "finn")
+    c, n, wt = 32, 255, 16
+    node = helper.make_node(
+        "Thresholding_rtl", ["x", "thr"], ["y"],
+        domain="finn.custom_op.fpgadataflow.rtl", name="Thresholding_rtl_0",
+        NumChannels=c, PE=1, numSteps=n, inputDataType="INT16", weightDataType=f"INT{wt}",
+        outputDataType="UINT8", numInputVectors=[1, 21], depth_trigger_bram=0,
+        depth_trigger_uram=0,
+    )  # fmt: skip
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 21, c])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 21, c])
+    model = ModelWrapper(qonnx_make_model(helper.make_graph([node], "g", [inp], [out])))
+    thr = np.sort(np.random.default_rng(0).integers(-3000, 3000, size=(c, n)), axis=1)
+    model.set_initializer("thr", thr.astype(np.float32))
+    opts = threshold_options(model, model.graph.node[0])
+    depths = [c * 2**s for s in range(8)]
+    assert [o.depth_trigger_bram for o in opts] == [0, *sorted(depths, reverse=True)]
+    bram_shapes = ((36, 512), (18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384))
+
+    def bram(depth: int) -> int:  # the shape that wastes the fewest bits
+        fits = [math.ceil(wt / w) * math.ceil(depth / d) for w, d in bram_shapes]
+        waste = [k * w * d - wt * depth for k, (w, d) in zip(fits, bram_shapes, strict=True)]
+        return fits[waste.index(min(waste))]
+
+    logic = 8 * wt
+    for opt in opts[1:]:
+        in_bram = [d for d in depths if d >= opt.depth_trigger_bram]
+        in_lut = [d for d in depths if d < opt.depth_trigger_bram]
+        assert opt.bram18 == sum(bram(d) for d in in_bram)
+        assert opt.lut == logic + sum(wt * math.ceil(d / 64) for d in in_lut)
