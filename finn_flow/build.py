@@ -495,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         from finn_flow.moe_ops.step import load_reports as load_moe_reports
 
         folding, target_fps = folding_choice(args, fpga)
+        default_folding = folding is not None and args.folding is None
         clock_ns = float(fpga.get("clock_ns", 5.0))
         summary["max_lsb"] = max_lsb = verification_bound(args, fpga)
         dcfg = steps.M3ViTBuildConfig(
@@ -519,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             piece_min_nodes=args.piece_nodes,
             moe_layers=len(qmodel.pathway.dims.moe_layers),
             moe_axi_bits=board["axi_bits"],
+            folding_fallback_fps=float(fpga.get("target_fps", 30)) if default_folding else None,
         )
         write_atomic(finn_dir / "dataflow_build_config.json", dcfg.to_json())
         step_list = steps.build_steps(args.mode, args.moe)
@@ -529,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 5. report
         records = report.StepRecords.load(finn_dir)
+        summary["folding"].update(records.folding)
         report_dir = finn_dir / "report"
         final = finn_dir / "intermediate_models" / f"{step_list[-1].__name__}.onnx"
         summary["verification"] = records.verification

@@ -135,6 +135,7 @@ class StepRecords:
             table rewritten as an integer bias + one shared table.
         integer_biases: outputs of the float bias adds moved onto the integer
             accumulator (before the layer's scale).
+        folding: which folding was applied (JSON and whether it fit, or the FPS target).
     """
 
     verification: list[dict[str, Any]] = field(default_factory=list)
@@ -144,6 +145,7 @@ class StepRecords:
     snapped_thresholds: list[list[Any]] = field(default_factory=list)
     shared_thresholds: list[list[Any]] = field(default_factory=list)
     integer_biases: list[str] = field(default_factory=list)
+    folding: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def path(output_dir: str | os.PathLike[str]) -> Path:
@@ -531,6 +533,16 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
         f"- pathway: {summary['pathway']['description']}",
         f"- MoE: {(summary.get('moe') or {}).get('description', summary['pathway']['moe_form'])}",
     ]
+    fold = summary.get("folding") or {}
+    if fold.get("json") and fold.get("applied"):
+        lines.append(f"- folding: `{fold['json']}` (fits this design)")
+    elif fold.get("json"):
+        lines.append(
+            f"- folding: the config's `{fold['json']}` was made for another design "
+            f"({fold.get('mismatch')}); auto-folded to {fold.get('target_fps')} FPS instead"
+        )
+    elif fold:
+        lines.append(f"- folding: auto-folded to {fold.get('target_fps')} FPS")
     on_fpga = summary["pathway"].get("on_fpga")
     if on_fpga:
         lines += ["", "## What runs where", "", "On the FPGA (this streaming design):", ""]

@@ -61,6 +61,10 @@ class M3ViTBuildConfig(DataflowBuildConfig):
             (:func:`finn_flow.moe_ops.step.step_m3vit_moe_reordered`) must replace exactly
             this many stand-in regions (-1: not checked).
         moe_axi_bits: data width of the AXI port the experts' weights are read through.
+        folding_fallback_fps: set when ``folding_config_file`` is the config's default
+            folding JSON rather than one the user named: if that JSON was made for
+            another design (:func:`folding_mismatch`), the build auto-folds to this FPS
+            instead and says so; a JSON the user named must match.
     """
 
     mode: str = "estimate"
@@ -72,6 +76,7 @@ class M3ViTBuildConfig(DataflowBuildConfig):
     piece_min_nodes: int = 10
     moe_layers: int = -1
     moe_axi_bits: int = 128
+    folding_fallback_fps: float | None = None
 
     def finn_config(self) -> DataflowBuildConfig:
         """FINN's own part of this config (what graph passes and piece workers read)."""
@@ -264,6 +269,90 @@ def step_m3vit_verify_hw(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWra
     return model
 
 
+def folding_mismatch(model: ModelWrapper, folding: dict[str, Any]) -> str | None:
+    """Why a folding JSON (ApplyConfig format) does not belong to ``model``, or None.
+
+    It belongs when it names exactly the nodes that carry folding attributes
+    (:data:`FOLDING_ATTRS`, as :func:`step_m3vit_save_folding` writes them) and every PE /
+    SIMD it sets divides the node's dimension. Node names come from the graph's structure,
+    which changes with the weights (how many tables become shared, how many biases become
+    integer adds), so a folding made for one checkpoint may not fit another.
+    """
+    names = {k for k in folding if k != "Defaults"}
+    nodes = {}
+    for node in model.graph.node:
+        inst = getCustomOp(node)
+        if any(_has_attr(inst, key) for key in FOLDING_ATTRS):
+            nodes[node.name] = inst
+    missing, extra = sorted(names - set(nodes)), sorted(set(nodes) - names)
+    if missing or extra:
+        return (
+            f"{len(missing)} of its nodes are not in the design (first: {missing[:3]}), "
+            f"{len(extra)} of the design's are not in it (first: {extra[:3]})"
+        )
+    dims = {"PE": ("MH", "NumChannels", "Channels"), "SIMD": ("MW", "IFMChannels")}
+    for name, attrs in folding.items():
+        for key, dim_names in dims.items():
+            if key not in attrs or name not in nodes:
+                continue
+            for dim in dim_names:
+                if _has_attr(nodes[name], dim):
+                    value = int(nodes[name].get_nodeattr(dim))
+                    if value % int(attrs[key]):
+                        return f"{name}: {key}={attrs[key]} does not divide {dim}={value}"
+                    break
+    return None
+
+
+def _has_attr(inst: Any, key: str) -> bool:
+    try:
+        inst.get_nodeattr(key)
+    except Exception:  # noqa: BLE001 - attribute absent on this op type
+        return False
+    return True
+
+
+def step_m3vit_set_folding(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
+    """FINN's ``step_set_folding``, after checking that a folding JSON fits the design.
+
+    A JSON the user named that does not fit fails the build, naming the mismatch; the
+    config's default JSON that does not fit is replaced by auto-folding to
+    ``cfg.folding_fallback_fps`` (recorded in the step records and printed).
+    """
+    from qonnx.transformation.general import GiveUniqueNodeNames
+
+    records = StepRecords.load(cfg.output_dir)
+    if cfg.folding_config_file is not None:
+        model = model.transform(GiveUniqueNodeNames())
+        path = Path(cfg.folding_config_file)
+        why = folding_mismatch(model, json.loads(path.read_text()))
+        if why is not None and cfg.folding_fallback_fps is None:
+            raise BuildError(
+                f"folding JSON {path} was made for another design: {why}; write one for "
+                "this design with finn_flow/placement.py or use --target-fps"
+            )
+        if why is not None:
+            print(
+                f"[folding] the config's folding JSON {path} was made for another design "
+                f"({why}); auto-folding to {cfg.folding_fallback_fps} FPS instead",
+                flush=True,
+            )
+            cfg.folding_config_file = None
+            cfg.target_fps = int(cfg.folding_fallback_fps)
+            records.folding = {
+                "json": str(path),
+                "applied": False,
+                "mismatch": why,
+                "target_fps": cfg.target_fps,
+            }
+        else:
+            records.folding = {"json": str(path), "applied": True}
+    else:
+        records.folding = {"target_fps": cfg.target_fps}
+    records.save(cfg.output_dir)
+    return step_set_folding(model, cfg)
+
+
 def step_m3vit_save_folding(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
     """Write the folding in effect as ``<summary_dir>/folding.json`` (ApplyConfig format,
     reusable with ``--folding``)."""
@@ -334,7 +423,7 @@ def build_steps(mode: str, moe: str = "reordered") -> list[Step]:
         step_m3vit_verify_hw,
         fs.step_create_dataflow_partition,
         fs.step_specialize_layers,
-        step_set_folding,
+        step_m3vit_set_folding,
         step_m3vit_save_folding,
         step_m3vit_minimize_bit_width,
         step_m3vit_codegen_types,

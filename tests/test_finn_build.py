@@ -192,6 +192,13 @@ def test_tiny_build_finishes_and_verifies(builds: dict, task: str, trained, pert
     assert not any("resize of the" in h for h in summary["pathway"]["on_host"])
     ops = {layer["op_type"] for layer in summary["resources"]["layers"]}
     assert {"UpsampleNearestNeighbour_hls", "ConvolutionInputGenerator_rtl"} <= ops, ops
+    # the config's folding JSON is the default design's (finn_flow/folding/normals.json):
+    # the tiny design is another, so the build auto-folds and says why
+    if task == "normals":
+        fold = summary["folding"]
+        assert fold["applied"] is False and fold["target_fps"] == 10000
+        assert "of its nodes are not in the design" in fold["mismatch"]
+        assert "was made for another design" in (out / "SUMMARY.md").read_text()
     # the reordered MoE engine, swapped in after a check on every verification image
     assert summary["moe_form"] == "reordered" and summary["moe"]["form"] == "reordered"
     assert {"TopKGate_hls", "ExpertDispatch_hls", "ExpertFFN_hls", "ExpertCombine_hls"} <= ops
@@ -312,6 +319,7 @@ def test_rerun_into_same_out_with_saved_folding(
     assert not (out / "finn" / "stale_marker.txt").exists()
     second = json.loads((out / "summary.json").read_text())
     assert second["folding"]["folding_json"] == str(folding)
+    assert second["folding"]["applied"] is True  # saved from this design: it fits
     key = "max_cycles_per_frame (bottleneck layer)"
     assert second["performance"][key] == first["performance"][key]
 

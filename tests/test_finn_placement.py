@@ -158,3 +158,21 @@ def test_threshold_options_closed_form(tmp_path) -> None:
         in_lut = [d for d in depths if d < opt.depth_trigger_bram]
         assert opt.bram18 == sum(bram(d) for d in in_bram)
         assert opt.lut == logic + sum(wt * math.ceil(d / 64) for d in in_lut)
+
+
+def test_folding_mismatch_names_what_does_not_fit(tmp_path) -> None:
+    """A folding JSON fits a design when it names exactly its foldable nodes and every
+    PE / SIMD divides the node's MH / MW."""
+    from finn_flow.steps import folding_mismatch
+
+    model = _mvau_model(tmp_path, [(192, 768), (768, 192)])
+    good = {"Defaults": {}, "MVAU_rtl_0": {"PE": 3, "SIMD": 3}, "MVAU_rtl_1": {"PE": 4}}
+    assert folding_mismatch(model, good) is None
+    other = {"Defaults": {}, "MVAU_rtl_0": {"PE": 1}, "MVAU_rtl_7": {"PE": 1}}
+    why = folding_mismatch(model, other)
+    assert "1 of its nodes are not in the design (first: ['MVAU_rtl_7'])" in why
+    assert "1 of the design's are not in it (first: ['MVAU_rtl_1'])" in why
+    bad_pe = {"Defaults": {}, "MVAU_rtl_0": {"PE": 5}, "MVAU_rtl_1": {"PE": 1}}
+    assert folding_mismatch(model, bad_pe) == "MVAU_rtl_0: PE=5 does not divide MH=768"
+    bad_simd = {"Defaults": {}, "MVAU_rtl_0": {"SIMD": 7}, "MVAU_rtl_1": {}}
+    assert folding_mismatch(model, bad_simd) == "MVAU_rtl_0: SIMD=7 does not divide MW=192"

@@ -67,6 +67,6 @@ fpga = dict(
     bits=8,  # weights and activations (softmax / gates: 8-bit fixed scale 1/255)
     clock_ns=5.0,  # 200 MHz
     target_fps=30,  # auto-folding target when no folding JSON is used
-    use_folding_json=False,  # True: finn_flow/folding/<task>.json instead of target_fps
+    use_folding_json=True,  # finn_flow/folding/<task>.json where it fits, else target_fps
     calib_images=8,
 )
