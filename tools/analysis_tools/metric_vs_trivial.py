@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmengine.runner import Runner
 
     import mmseg_m3vit  # noqa: F401
-    from mmseg_m3vit.engine import config_tasks
+    from mmseg_m3vit.utils import config_tasks
 
     trust = True if args.trust_checkpoint else None  # None: M3VIT_TRUST_CHECKPOINT
     demo = _demo()
