@@ -271,7 +271,7 @@ def dump_all_tasks(
     images = [img for img, _, _ in val_frames(cfg, size, num_images)]
     quant = {}
     for task in tasks:
-        fp = FloatPathway(base.model, task, list(base.backbone.tasks).index(task), checkpoint)
+        fp = FloatPathway(base.model, task, checkpoint)
         qmodel = qm.build_quant_task_model(fp.backbone, fp.head, task, spec, size)
         qm.calibrate(qmodel, [qm.patchify(img, patch) for img in calib])
         quant[task] = qmodel.pathway
@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         print(f"routing_dump.py: error: checkpoint {args.checkpoint!r} does not exist")
         return 2
+    from mmseg_m3vit.utils.routing import plot_routing
+
     cfg = Config.fromfile(args.config)
     trust = True if args.trust_checkpoint else None
     dump = dump_all_tasks(cfg, args.checkpoint, args.images, trust=trust)
@@ -338,8 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out / ".routing.json.tmp"
     tmp.write_text(json.dumps(dump) + "\n")
     tmp.replace(out / "routing.json")
-    from mmseg_m3vit.engine.routing import plot_routing
-
     loads = {t: np.asarray(v["float"]["load"]) for t, v in dump["load"].items()}
     title = f"float model, {dump['images']} val frames" + (
         "" if args.checkpoint else " (RANDOM WEIGHTS)"

@@ -83,3 +83,46 @@ def test_quantized_routing_is_the_exact_topk_of_the_quantized_probabilities() ->
         np.testing.assert_allclose(gates, ref_g, atol=1e-6)
     fr = float_routing(bb, imgs[0], "normals")
     assert [r[0].shape for r in fr] == [g[0].shape for g in got] == [(7, 2), (7, 2)]
+
+
+TINY_FPGA = """
+_base_ = [{base!r}]
+data_root = {root!r}
+model = dict(
+    backbone=dict(
+        img_size=(8, 8), patch_size=4, embed_dims=16, num_layers=1, num_heads=1,
+        moe_layers=[0], num_experts=4, top_k=2, expert_hidden_dims=8,
+    ),
+    head_template=dict(channels=8, num_up=0),
+)
+val_dataloader = dict(dataset=dict(data_root=data_root, split="val", holdout=None))
+fpga = dict(input_size=(8, 8), calib_images=2)
+"""
+
+
+def test_command_line_writes_every_tasks_routing(tmp_path, tiny_nyud_root: str) -> None:
+    """routing_dump.py end to end on a tiny FPGA config: routing.json with every task's
+    expert ids per frame from both models, and the load figure."""
+    import json
+    from pathlib import Path
+
+    from finn_flow import routing_dump
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "fpga"
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        TINY_FPGA.format(
+            base=str(base / "m3vit_vit-t16-6blk-moe16-top2-mg_fpga_synthnyud-64x80.py"),
+            root=tiny_nyud_root,
+        )
+    )
+    out = tmp_path / "routing"
+    assert routing_dump.main(["--config", str(cfg), "--images", "3", "--out", str(out)]) == 0
+    dump = json.loads((out / "routing.json").read_text())
+    assert (out / "expert_load.png").stat().st_size > 0
+    assert dump["images"] == 3 and sorted(dump["tasks"]) == sorted(dump["load"])
+    assert set(dump["tasks"]) == {"semseg", "depth", "normals", "edge"}
+    for load in dump["load"].values():
+        # one MoE layer, 4 experts, top-2: each row of loads sums to k = 2
+        assert np.asarray(load["float"]["load"]).shape == (1, 4)
+        np.testing.assert_allclose(np.asarray(load["float"]["load"]).sum(axis=1), 2.0)
