@@ -200,19 +200,25 @@ def test_unknown_task_on_test_command_line(tmp_path, config: str) -> None:
     assert str(NYUD_TASKS) in str(err.value)
 
 
-def test_missing_data_root_fails_before_model_is_built(tmp_path, config, monkeypatch) -> None:
+def test_missing_data_root_fails_before_model_is_built(
+    tmp_path, config, monkeypatch, capsys
+) -> None:
     def no_build(*args, **kwargs):
         raise AssertionError("a model or runner was built before the data root was checked")
 
     monkeypatch.setattr(Runner, "from_cfg", no_build)
     monkeypatch.setattr(MODELS, "build", no_build)
     missing = str(tmp_path / "no_such_dir")
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(SystemExit) as err:
         train_tool.main(
             [config, "--work-dir", str(tmp_path / "w"), "--cfg-options",
              f"train_dataloader.dataset.data_root={missing}"]
         )  # fmt: skip
-    assert missing in str(err.value) and "train_dataloader.dataset.data_root" in str(err.value)
+    # one line on stderr, exit status 2, no traceback (as argparse does for a bad flag)
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert msg.startswith("train.py: error: ") and "Traceback" not in msg
+    assert missing in msg and "train_dataloader.dataset.data_root" in msg
 
 
 def test_test_tool_single_task_pathway(tmp_path, config: str, trained: str, capsys) -> None:
@@ -347,3 +353,12 @@ def test_demo_trivial_predictors_match_direct_computation(config: str, data_root
     assert trivial["normals/mean"] == pytest.approx(np.degrees(np.arccos(cos)).mean(), rel=1e-3)
     assert trivial["edge/odsF"] == 0.0
     assert 0 <= stats["semseg"] < 40
+
+
+def test_test_tool_missing_checkpoint_is_one_line(tmp_path, config, capsys) -> None:
+    missing = str(tmp_path / "nowhere.pth")
+    with pytest.raises(SystemExit) as err:
+        test_tool.main([config, missing])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert msg == f"test.py: error: checkpoint {missing!r} does not exist\n"

@@ -41,6 +41,7 @@ from mmseg_m3vit.utils.cli import (  # noqa: E402
     dist_backend,
     load_config,
     parse_runner_args,
+    preflight_errors,
     task_names_help,
 )
 
@@ -109,7 +110,8 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> dict:
     """Build the runner, evaluate, print the metric table; returns the metrics."""
     args = parse_args(argv)
-    cfg = build_config(args)
+    with preflight_errors("test.py"):
+        cfg = build_config(args)
     init_cpu_distributed(args.launcher, dist_backend(cfg))
     with trusted_checkpoints(args.trust_checkpoint):
         runner = build_runner(cfg)

@@ -35,6 +35,7 @@ from mmseg_m3vit.utils.cli import (  # noqa: E402
     ensure_custom_hooks,
     load_config,
     parse_runner_args,
+    preflight_errors,
 )
 
 EXAMPLES = """examples:
@@ -100,7 +101,8 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> None:
     """Build the runner from the config and train."""
     args = parse_args(argv)
-    cfg = build_config(args)
+    with preflight_errors("train.py"):
+        cfg = build_config(args)
     init_cpu_distributed(args.launcher, dist_backend(cfg))
     with trusted_checkpoints(args.trust_checkpoint):
         runner = build_runner(cfg)

@@ -10,6 +10,7 @@ from .cli import (
     format_metric_table,
     load_config,
     parse_runner_args,
+    preflight_errors,
 )
 from .preflight import (
     check_config_tasks,
@@ -32,6 +33,7 @@ __all__ = [
     "format_metric_table",
     "load_config",
     "parse_runner_args",
+    "preflight_errors",
     "resolve_data_root",
     "restrict_to_tasks",
 ]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -75,6 +77,20 @@ def parse_runner_args(
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     return args
+
+
+@contextmanager
+def preflight_errors(prog: str) -> Iterator[None]:
+    """Pre-flight failures (a bad config key, a missing data root or checkpoint: the
+    ``ValueError`` / ``FileNotFoundError`` of the checks) end the tool with one line on
+    stderr, ``<prog>: error: <message>``, and exit status 2, as argparse does for a bad
+    flag; no traceback. Wrap only the checks, so that errors of the run itself keep theirs.
+    """
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load_config(args: argparse.Namespace) -> Config:
