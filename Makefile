@@ -11,7 +11,9 @@ env:
 demo: env
 	$(PY) tools/demo.py $(DEMO_ARGS)
 
-# Lint, format check, then the whole test suite (GPU tests skip without CUDA).
+# Lint, format check, then the whole test suite (GPU tests skip without CUDA), two
+# pytest-xdist workers taking one test file each at a time (module fixtures stay shared).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: env lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
