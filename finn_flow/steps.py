@@ -325,7 +325,13 @@ def step_m3vit_set_folding(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelW
     if cfg.folding_config_file is not None:
         model = model.transform(GiveUniqueNodeNames())
         path = Path(cfg.folding_config_file)
-        why = folding_mismatch(model, json.loads(path.read_text()))
+        try:
+            folding = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise BuildError(f"folding JSON {path} cannot be read: {err}") from err
+        if not isinstance(folding, dict):
+            raise BuildError(f"folding JSON {path}: expected an object of node names")
+        why = folding_mismatch(model, folding)
         if why is not None and cfg.folding_fallback_fps is None:
             raise BuildError(
                 f"folding JSON {path} was made for another design: {why}; write one for "
