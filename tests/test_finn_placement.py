@@ -176,3 +176,48 @@ def test_folding_mismatch_names_what_does_not_fit(tmp_path) -> None:
     assert folding_mismatch(model, bad_pe) == "MVAU_rtl_0: PE=5 does not divide MH=768"
     bad_simd = {"Defaults": {}, "MVAU_rtl_0": {"SIMD": 7}, "MVAU_rtl_1": {}}
     assert folding_mismatch(model, bad_simd) == "MVAU_rtl_0: SIMD=7 does not divide MW=192"
+
+
+def test_set_folding_checks_the_json(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A malformed or foreign JSON the user named fails naming the file; the config's
+    default JSON that does not fit falls back to auto-folding and says so."""
+    import json
+
+    model = _mvau_model(tmp_path, [(192, 64)])  # starts FINN first: steps imports finn-plus
+    from finn_flow import BuildError, steps
+    from finn_flow.report import StepRecords
+    from finn_flow.steps import M3ViTBuildConfig, step_m3vit_set_folding
+
+    def cfg(path, fallback=None):
+        return M3ViTBuildConfig(
+            output_dir=str(tmp_path / "out"), synth_clk_period_ns=5.0, fpga_part=PART,
+            generate_outputs=[], folding_config_file=str(path),
+            folding_fallback_fps=fallback,
+        )  # fmt: skip
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(BuildError, match=f"folding JSON {bad} cannot be read"):
+        step_m3vit_set_folding(model, cfg(bad))
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"Defaults": {}, "MVAU_rtl_9": {"PE": 1}}))
+    with pytest.raises(BuildError, match="was made for another design: 1 of its nodes"):
+        step_m3vit_set_folding(model, cfg(foreign))
+    # the fallback hands finn-plus's step an auto-folding config (its folder is not run
+    # here: it needs a whole dataflow partition, which the build tests cover)
+    seen = {}
+
+    def fake_set_folding(m, c):
+        seen.update(json=c.folding_config_file, fps=c.target_fps)
+        return m
+
+    monkeypatch.setattr(steps, "step_set_folding", fake_set_folding)
+    step_m3vit_set_folding(model, cfg(foreign, fallback=1000.0))
+    assert seen == {"json": None, "fps": 1000}
+    rec = StepRecords.load(tmp_path / "out").folding
+    assert rec["applied"] is False and rec["target_fps"] == 1000 and "MVAU_rtl_9" in rec["mismatch"]
+    fits = tmp_path / "fits.json"
+    fits.write_text(json.dumps({"Defaults": {}, "MVAU_rtl_0": {"PE": 4, "SIMD": 2}}))
+    step_m3vit_set_folding(model, cfg(fits))
+    assert seen == {"json": str(fits), "fps": None}
+    assert StepRecords.load(tmp_path / "out").folding == {"json": str(fits), "applied": True}
