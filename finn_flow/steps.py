@@ -282,7 +282,7 @@ def folding_mismatch(model: ModelWrapper, folding: dict[str, Any]) -> str | None
     nodes = {}
     for node in model.graph.node:
         inst = getCustomOp(node)
-        if any(_has_attr(inst, key) for key in FOLDING_ATTRS):
+        if folding_attrs(inst):
             nodes[node.name] = inst
     missing, extra = sorted(names - set(nodes)), sorted(set(nodes) - names)
     if missing or extra:
@@ -310,6 +310,11 @@ def _has_attr(inst: Any, key: str) -> bool:
     except Exception:  # noqa: BLE001 - attribute absent on this op type
         return False
     return True
+
+
+def folding_attrs(inst: Any) -> dict[str, Any]:
+    """The :data:`FOLDING_ATTRS` this node has, with their values (empty: not foldable)."""
+    return {key: inst.get_nodeattr(key) for key in FOLDING_ATTRS if _has_attr(inst, key)}
 
 
 def step_m3vit_set_folding(model: ModelWrapper, cfg: M3ViTBuildConfig) -> ModelWrapper:
@@ -364,13 +369,7 @@ def step_m3vit_save_folding(model: ModelWrapper, cfg: M3ViTBuildConfig) -> Model
     reusable with ``--folding``)."""
     folding: dict[str, dict[str, Any]] = {"Defaults": {}}
     for node in model.graph.node:
-        inst = getCustomOp(node)
-        attrs = {}
-        for key in FOLDING_ATTRS:
-            try:
-                attrs[key] = inst.get_nodeattr(key)
-            except Exception:  # noqa: BLE001 - attribute absent on this op type
-                continue
+        attrs = folding_attrs(getCustomOp(node))
         if attrs:
             folding[node.name] = attrs
     write_atomic(Path(cfg.summary_dir) / "folding.json", json.dumps(folding, indent=2, default=str))

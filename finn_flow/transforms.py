@@ -10,13 +10,19 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
-from qonnx.transformation.general import GiveUniqueNodeNames
+from qonnx.transformation.general import (
+    GiveUniqueNodeNames,
+    GiveUniqueParameterTensors,
+    SortGraph,
+)
 from qonnx.transformation.infer_datatypes import InferDataTypes
 from qonnx.transformation.infer_shapes import InferShapes
+from qonnx.transformation.remove import RemoveIdentityOps
 
 
 class DuplicateForkedConstMul(Transformation):
@@ -74,11 +80,6 @@ class ExtractMultiThresholdScaleBiasOnce(Transformation):
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         """Extract every scale / bias in one pass; returns (model, False)."""
-        from onnx import TensorProto
-        from qonnx.custom_op.registry import getCustomOp
-        from qonnx.transformation.general import GiveUniqueParameterTensors, SortGraph
-        from qonnx.transformation.remove import RemoveIdentityOps
-
         graph = model.graph
         changed = False
         for node in [n for n in graph.node if n.op_type == "MultiThreshold"]:
@@ -139,7 +140,6 @@ class GeluToThresholds(Transformation):
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         """Rewrite every matching GELU; returns (model, changed)."""
         import torch
-        from qonnx.custom_op.registry import getCustomOp
 
         graph = model.graph
         for gelu in list(graph.node):
@@ -373,7 +373,6 @@ class SharedThresholdTable(Transformation):
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         """Process every matching MultiThreshold in one pass; returns (model, False)."""
-        from qonnx.custom_op.registry import getCustomOp
 
         graph = model.graph
         for node in list(graph.node):

@@ -190,8 +190,9 @@ class MoEOp(HWCustomOp):
             raise ValueError(f"{self.onnx_node.name}: {what}={fold} must divide {total}")
 
     def cycles_for(self, routing: np.ndarray) -> dict[str, Any]:
-        """Cycles and loop-trip event counts for one routing (1, T, 2k)."""
-        raise NotImplementedError
+        """Cycles and loop-trip event counts for one routing (1, T, 2k); every op
+        (TopKGate, ExpertDispatch, ExpertFFN, ExpertCombine) defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} defines no cycle model")
 
     def get_exp_cycles(self) -> int:
         """Worst case over all routings (this op's cycles do not depend on the routing
