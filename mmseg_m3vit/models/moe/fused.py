@@ -22,6 +22,15 @@ gradient with the gate scale and GELU' in its epilogue, two weight-gradient kern
 their partial products with fp32 atomics), one grouped GEMM for the input rows and
 one slot sum.
 
+A bf16 training step takes the ``'mixed'`` products by default (:data:`TRAIN_MATMULS`):
+the two GEMMs with a fused epilogue stay Triton kernels (``+ b1``, GELU and the saved
+pre-activation; gate scale, GELU' and the ``b1`` gradient as column sums), reading
+rows that one gather kernel put in sorted order (x's rows, kept for the backward;
+gate-scaled ``dout`` rows with the ``b2`` gradient), and the four plain products run
+through ``torch._grouped_mm`` on sorted rows (``@ w2`` with ``b2`` added in the slot
+sum, ``@ w1^T``, both weight gradients, in bf16 as autocast's dense layers give them).
+It keeps x's rows in sorted order, k times the memory of x, until the backward.
+
 Inference (:func:`fused_top_k`): the router's softmax, top-k and the sort's histogram
 run in one kernel before the same forward.
 Operands are bf16 with fp32 accumulation; weight and bias gradients are written in
@@ -59,6 +68,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
+_GATHER_CFG = dict(BM=64, BN=128, num_warps=4)
+#: Matrix products of a bf16 training step (forward with autograd, and backward):
+#: ``'mixed'`` = the Triton grouped GEMM where an epilogue is fused into it (bias +
+#: GELU; gate scale + GELU' + bias gradient) and ``torch._grouped_mm`` (CUTLASS on sm90)
+#: for the plain products on sorted rows (``@ w2``, ``@ w1^T`` and both weight
+#: gradients, bf16 results as autocast's dense layers give); ``'triton'`` = every
+#: product in the Triton kernels (gathers on load, fp32 weight gradients). Float32
+#: operands and inference always use the Triton kernels.
+TRAIN_MATMULS = "mixed"
 _SORT_BLOCK_ELEMS = 8192  # BLOCK x E_P2 one-hot elements per sort program
 
 
@@ -93,7 +111,9 @@ class ExpertSort:
 
     Attributes:
         order: (R,) int32 flat index ``m*k + j`` at each sorted position.
+        inv: (R,) int32 sorted position of each flat index (``inv[order[r]] = r``).
         offs: (E+1,) int32 first sorted position of each expert; ``offs[E] = R``.
+        ids: (R,) the expert ids in flat order.
         num_experts: E. top_k: k.
     """
 
@@ -104,7 +124,9 @@ class ExpertSort:
         e_p2 = max(_next_pow2(num_experts), 2)
         block = sort_block(num_experts)
         blocks = triton.cdiv(r, block) if r else 0
+        self.ids = ids
         self.order = torch.empty(r, dtype=torch.int32, device=ids.device)
+        self.inv = torch.empty(r, dtype=torch.int32, device=ids.device)
         self.offs = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
         self.num_experts, self.top_k = num_experts, k
         if r == 0:
@@ -120,6 +142,7 @@ class ExpertSort:
             ids,
             hist,
             self.order,
+            self.inv,
             self.offs,
             r,
             blocks,
@@ -145,10 +168,12 @@ def _gemm(
     save_pre: bool = False,
     scale: Tensor | None = None,
     gelu_grad: bool = False,
+    col_sum: Tensor | None = None,
 ) -> None:
     """One :func:`.fused_kernels.expert_gemm_kernel` launch over all sorted rows.
 
-    ``w`` (E, K, N), or (E, N, K) used transposed when ``transpose_w``.
+    ``w`` (E, K, N), or (E, N, K) used transposed when ``transpose_w``. ``col_sum``
+    (E, N) fp32 zeros: add each expert's column sums of the written rows.
     """
     e = w.shape[0]
     if transpose_w:
@@ -176,6 +201,7 @@ def _gemm(
         pre if pre is not None else dummy,
         out,
         out.stride(0),
+        col_sum if col_sum is not None else dummy,
         n,
         k,
         E=e,
@@ -188,8 +214,73 @@ def _gemm(
         SAVE_PRE=save_pre,
         SCALE_ROWS=scale is not None,
         GELU_GRAD=gelu_grad,
+        COL_SUMS=col_sum is not None,
         **cfg,
     )
+
+
+def _gather(
+    src: Tensor,
+    sort: ExpertSort,
+    dtype: torch.dtype,
+    scale: Tensor | None = None,
+    col_sum: Tensor | None = None,
+) -> Tensor:
+    """(R, N) rows ``src[order[r] // k]`` (times ``scale[order[r]]``) in sorted order,
+    in ``dtype``; ``col_sum`` (E, N) fp32 zeros: add each expert's column sums."""
+    r, n = sort.order.shape[0], src.shape[1]
+    out = torch.empty(r, n, dtype=dtype, device=src.device)
+    if r == 0:
+        return out
+    cfg = _GATHER_CFG
+    grid = (triton.cdiv(r, cfg["BM"]) + sort.num_experts, triton.cdiv(n, cfg["BN"]))
+    kernels.gather_rows_kernel[grid](
+        src,
+        src.stride(0),
+        sort.order,
+        sort.offs,
+        scale if scale is not None else src,
+        out,
+        col_sum if col_sum is not None else out,
+        n,
+        E=sort.num_experts,
+        E_P2=max(_next_pow2(sort.num_experts), 2),
+        TOP_K=sort.top_k,
+        SCALE=scale is not None,
+        COL_SUMS=col_sum is not None,
+        **cfg,
+    )
+    return out
+
+
+def _mixed_usable(cd: torch.dtype, device: torch.device) -> bool:
+    """Whether a training step takes the ``'mixed'`` products (:data:`TRAIN_MATMULS`):
+    bf16 operands and a torch with ``_grouped_mm``."""
+    return (
+        TRAIN_MATMULS == "mixed"
+        and cd == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and (device.type == "cuda" or INTERPRET)
+    )
+
+
+def _grouped_mm(a: Tensor, w: Tensor, sort: ExpertSort) -> Tensor:
+    """(R, N) = rows of expert e of ``a`` (R, K, sorted) @ ``w[e]`` (E, K, N), through
+    ``torch._grouped_mm``."""
+    if a.shape[0] == 0:
+        return a.new_empty(0, w.shape[2])
+    return torch._grouped_mm(a, w, offs=sort.offs[1:])
+
+
+def _grouped_wgrad(a: Tensor, b: Tensor, sort: ExpertSort, dtype: torch.dtype) -> Tensor:
+    """(E, K1, N1) per-expert ``A_e^T @ B_e`` of sorted rows a (R, K1), b (R, N1)
+    through ``torch._grouped_mm`` (groups along the reduction; bf16 result, converted
+    to ``dtype``). An expert with no rows gets zeros: the library writes them for an
+    empty group (CUTLASS on sm90 and the CPU fallback; the GPU tests check it)."""
+    if a.shape[0] == 0:
+        e = sort.num_experts
+        return torch.zeros(e, a.shape[1], b.shape[1], dtype=dtype, device=a.device)
+    return torch._grouped_mm(a.t(), b, offs=sort.offs[1:]).to(dtype)
 
 
 def _wgrad(
@@ -241,16 +332,40 @@ def _wgrad(
     return dw, db
 
 
-def _combine(y: Tensor, gates: Tensor | None, m: int, k: int, dtype: torch.dtype) -> Tensor:
-    """(M*k, D) rows in flat order -> (M, D) sums over the k slots (gate-weighted)."""
+def _combine(
+    y: Tensor,
+    gates: Tensor | None,
+    m: int,
+    k: int,
+    dtype: torch.dtype,
+    sort: ExpertSort | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """(M*k, D) rows -> (M, D) sums over the k slots (gate-weighted), each row plus its
+    expert's ``bias`` (E, D) when given. y in flat order, or in sorted order when
+    ``sort`` is given."""
     d = y.shape[1]
     out = torch.empty(m, d, dtype=dtype, device=y.device)
     if m == 0:
         return out
+    if bias is not None and sort is None:
+        raise ValueError("_combine: the bias needs the sort (the rows' experts)")
     cfg = _ROWS_CFG
     grid = (triton.cdiv(m, cfg["BR"]), triton.cdiv(d, cfg["BD"]))
     kernels.slot_combine_kernel[grid](
-        y, gates if gates is not None else y, out, m, d, TOP_K=k, HAS_G=gates is not None, **cfg
+        y,
+        gates if gates is not None else y,
+        sort.inv if sort is not None else y,
+        sort.ids if sort is not None else y,
+        bias if bias is not None else y,
+        out,
+        m,
+        d,
+        TOP_K=k,
+        HAS_G=gates is not None,
+        SORTED_Y=sort is not None,
+        HAS_BIAS=bias is not None,
+        **cfg,
     )
     return out
 
@@ -265,35 +380,39 @@ def _forward(
     sort: ExpertSort,
     save: bool,
     cd: torch.dtype,
+    mixed: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Fused forward with operands in ``cd``; returns (out (M, D) in ``cd``, the tensors
-    the backward needs when ``save``)."""
+    the backward needs when ``save``).
+
+    ``mixed`` (:data:`TRAIN_MATMULS`): x's rows are gathered into sorted order once
+    (kept for the weight gradient), and ``h @ w2`` runs through ``torch._grouped_mm``
+    on sorted rows with ``b2`` added in the slot sum. Else the first GEMM gathers x's
+    rows on load and the second adds ``b2`` and writes rows in flat order.
+    """
     m, k = gates.shape
     r = m * k
-    hd, d = w1.shape[2], w1.shape[1]
-    xc = x.to(cd).contiguous()  # (a GEMM load converting fp32 rows measured slower)
+    hd = w1.shape[2]
     w1b, b1b, w2b, b2b = (t.to(cd).contiguous() for t in (w1, b1, w2, b2))
     gb = gates.to(cd).contiguous()
     h = torch.empty(r, hd, dtype=cd, device=x.device)
     pre = torch.empty(r, hd, dtype=cd, device=x.device) if save else None
-    y = torch.empty(r, d, dtype=cd, device=x.device)
+    if mixed:
+        xs = _gather(x, sort, cd)  # (R, D) sorted rows, converted on the way
+        if r:
+            _gemm(xs, sort, w1b, False, h, gather_a=False, scatter_out=False, bias=b1b,
+                  gelu=True, pre=pre, save_pre=save)  # fmt: skip
+        y = _grouped_mm(h, w2b, sort)  # (R, D) sorted, without b2
+        out = _combine(y, gb, m, k, cd, sort=sort, bias=b2b)
+        return out, ((xs, gb, w1b, w2b, b2b, pre, h, y) if save else ())
+    xc = x.to(cd).contiguous()  # (a GEMM load converting fp32 rows measured slower)
+    y = torch.empty(r, x.shape[1], dtype=cd, device=x.device)
     if r:
-        _gemm(
-            xc,
-            sort,
-            w1b,
-            False,
-            h,
-            gather_a=True,
-            scatter_out=False,
-            bias=b1b,
-            gelu=True,
-            pre=pre,
-            save_pre=save,
-        )
+        _gemm(xc, sort, w1b, False, h, gather_a=True, scatter_out=False, bias=b1b,
+              gelu=True, pre=pre, save_pre=save)  # fmt: skip
         _gemm(h, sort, w2b, False, y, gather_a=False, scatter_out=True, bias=b2b)
     out = _combine(y, gb, m, k, cd)
-    return out, ((xc, gb, w1b, w2b, pre, h, y) if save else ())
+    return out, ((xc, gb, w1b, w2b, b2b, pre, h, y) if save else ())
 
 
 class _FusedExpertFFN(torch.autograd.Function):
@@ -311,7 +430,8 @@ class _FusedExpertFFN(torch.autograd.Function):
         sort: ExpertSort,
         cd: torch.dtype,
     ) -> Tensor:
-        out, saved = _forward(x, gates, w1, b1, w2, b2, sort, True, cd)
+        ctx.mixed = _mixed_usable(cd, x.device)
+        out, saved = _forward(x, gates, w1, b1, w2, b2, sort, True, cd, ctx.mixed)
         ctx.save_for_backward(*saved)
         ctx.sort = sort
         ctx.dtypes = (x.dtype, gates.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
@@ -319,12 +439,15 @@ class _FusedExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        xc, gb, w1b, w2b, pre, h, y = ctx.saved_tensors
+        # x_: x (M, D), or its rows in sorted order (R, D) when mixed; y likewise in
+        # flat order with b2, or sorted without
+        x_, gb, w1b, w2b, b2b, pre, h, y = ctx.saved_tensors
         sort: ExpertSort = ctx.sort
+        mixed = ctx.mixed
         x_dtype, g_dtype, w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         m, k = gb.shape
         r = m * k
-        hd, d = w1b.shape[2], w1b.shape[1]
+        e, d, hd = w1b.shape
         cd = w1b.dtype
         db16 = dout.to(cd).contiguous()
         dgates = None
@@ -333,35 +456,50 @@ class _FusedExpertFFN(torch.autograd.Function):
             if r:
                 cfg = _ROWS_CFG
                 kernels.slot_dot_kernel[(triton.cdiv(r, cfg["BR"]),)](
-                    db16, y, dgates, r, d, TOP_K=k, **cfg
+                    db16,
+                    y,
+                    sort.inv,
+                    sort.ids,
+                    b2b,
+                    dgates,
+                    r,
+                    d,
+                    TOP_K=k,
+                    SORTED_Y=mixed,
+                    HAS_BIAS=mixed,
+                    **cfg,
                 )
         # dL/dpre = gate * (dout[token] @ w2[e]^T) * GELU'(pre), sorted rows
         dpre = torch.empty(r, hd, dtype=cd, device=dout.device)
-        if r:
-            _gemm(
-                db16,
-                sort,
-                w2b,
-                True,
-                dpre,
-                gather_a=True,
-                scatter_out=False,
-                scale=gb,
-                pre=pre,
-                gelu_grad=True,
+        if mixed:
+            sums = torch.zeros(e * (d + hd), dtype=torch.float32, device=dout.device)
+            db2, db1 = sums[: e * d].view(e, d), sums[e * d :].view(e, hd)
+            gds = _gather(db16, sort, cd, scale=gb, col_sum=db2)  # gate * dout rows, sorted
+            if r:
+                _gemm(gds, sort, w2b, True, dpre, gather_a=False, scatter_out=False, pre=pre,
+                      gelu_grad=True, col_sum=db1)  # fmt: skip
+            dw2 = _grouped_wgrad(h, gds, sort, w2_dtype)
+            dw1 = _grouped_wgrad(x_, dpre, sort, w1_dtype)
+        else:
+            if r:
+                _gemm(db16, sort, w2b, True, dpre, gather_a=True, scatter_out=False, scale=gb,
+                      pre=pre, gelu_grad=True)  # fmt: skip
+            dw2, db2 = _wgrad(
+                h, db16, sort, gather_a=False, gather_b=True, scale=gb, dtype=torch.float32
             )
-        dw2, db2 = _wgrad(
-            h, db16, sort, gather_a=False, gather_b=True, scale=gb, dtype=torch.float32
-        )
-        dw1, db1 = _wgrad(
-            xc, dpre, sort, gather_a=True, gather_b=False, scale=None, dtype=torch.float32
-        )
+            dw1, db1 = _wgrad(
+                x_, dpre, sort, gather_a=True, gather_b=False, scale=None, dtype=torch.float32
+            )
         dx = None
         if ctx.needs_input_grad[0]:
-            dxs = torch.empty(r, d, dtype=cd, device=dout.device)
-            if r:
-                _gemm(dpre, sort, w1b, True, dxs, gather_a=False, scatter_out=True)
-            dx = _combine(dxs, None, m, k, x_dtype)
+            if mixed:
+                dxs = _grouped_mm(dpre, w1b.transpose(1, 2), sort)  # sorted rows
+                dx = _combine(dxs, None, m, k, x_dtype, sort=sort)
+            else:
+                dxs = torch.empty(r, d, dtype=cd, device=dout.device)
+                if r:
+                    _gemm(dpre, sort, w1b, True, dxs, gather_a=False, scatter_out=True)
+                dx = _combine(dxs, None, m, k, x_dtype)
         return (
             dx,
             dgates,

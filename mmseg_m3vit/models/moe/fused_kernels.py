@@ -10,7 +10,7 @@ Kernels:
 
 - :func:`expert_histogram_kernel` / :func:`expert_place_kernel`: a stable counting sort
   of the R expert ids in two launches (per-block histograms, then prefix sums and
-  placement), writing ``order`` and ``offs`` with no host synchronisation.
+  placement), writing ``order``, its inverse and ``offs`` with no host synchronisation.
 - :func:`expert_gemm_kernel`: one grouped GEMM over the sorted rows, one expert per row
   tile. The A-operand rows are gathered on load (token ``order[r] // k``) or read in
   sorted order; the epilogue adds the expert bias, applies the exact (erf) GELU, scales
@@ -21,8 +21,12 @@ Kernels:
   each expert's row reduction optionally split over several programs (fp32 atomics).
 - :func:`top_k_gate_kernel`: softmax + top-k of the router logits (inference) and the
   per-block expert histogram of the counting sort, in one launch.
-- :func:`slot_combine_kernel`: ``out[m] = sum_j g[m, j] * y[m*k + j]`` (g optional).
-- :func:`slot_dot_kernel`: ``dg[m, j] = <dout[m], y[m*k + j]>`` (the gate gradient).
+- :func:`gather_rows_kernel`: token rows (optionally gate-scaled) written in sorted
+  order, with per-expert column sums (the operands of the weight gradients).
+- :func:`slot_combine_kernel`: ``out[m] = sum_j g[m, j] * (y[m*k + j] + b[e])`` (g and
+  b optional; y in flat or in sorted order).
+- :func:`slot_dot_kernel`: ``dg[m, j] = <dout[m], y[m*k + j] + b[e]>`` (the gate
+  gradient).
 
 Matrix products take bf16 operands and accumulate in fp32.
 """
@@ -81,6 +85,7 @@ def expert_place_kernel(
     ids_ptr,
     hist_ptr,
     order_ptr,
+    inv_ptr,
     offs_ptr,
     R,
     S,
@@ -89,7 +94,8 @@ def expert_place_kernel(
     BLOCK: tl.constexpr,
     S_CHUNK: tl.constexpr,
 ):
-    """Stable placement: order[pos(i)] = i for the ids of block s; offs (E+1) from block 0.
+    """Stable placement: order[pos(i)] = i and inv[i] = pos(i) for the ids of block s;
+    offs (E+1) from block 0.
 
     pos(i) = start[e] + (ids == e in blocks before s) + (ids == e before i in block s),
     e = ids[i], start = exclusive prefix sum of the expert totals.
@@ -118,6 +124,7 @@ def expert_place_kernel(
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
     base = tl.sum(onehot * (start + before)[None, :], axis=1)
     tl.store(order_ptr + base + rank, idx, mask=valid)
+    tl.store(inv_ptr + idx, base + rank, mask=valid)
 
 
 @triton.jit
@@ -152,6 +159,7 @@ def expert_gemm_kernel(
     pre_ptr,
     out_ptr,
     stride_om,
+    col_sum_ptr,
     N,
     K,
     E: tl.constexpr,
@@ -164,6 +172,7 @@ def expert_gemm_kernel(
     SAVE_PRE: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
     GELU_GRAD: tl.constexpr,
+    COL_SUMS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -175,7 +184,9 @@ def expert_gemm_kernel(
     are converted to W's dtype as they are loaded (a no-op for the bf16 operands).
     Epilogue, in this order: + bias[e] (HAS_BIAS); store the pre-activation to
     ``pre[r]`` (SAVE_PRE); GELU; * scale[order[r]] (SCALE_ROWS); * GELU'(pre[r])
-    (GELU_GRAD, ``pre`` read). One program: BM rows x BN columns.
+    (GELU_GRAD, ``pre`` read). COL_SUMS: add the column sums of the stored (rounded)
+    rows to ``col_sum[e]`` (N,) with fp32 atomics (zeroed before; the last bits depend
+    on the order of the additions). One program: BM rows x BN columns.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
@@ -224,8 +235,57 @@ def expert_gemm_kernel(
         orow = flat
     else:
         orow = rows
+    res = acc.to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + orow.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    tl.store(out_ptrs, res, mask=omask)
+    if COL_SUMS:
+        part = tl.sum(tl.where(omask, res.to(tl.float32), 0.0), axis=0)
+        tl.atomic_add(col_sum_ptr + e * N + cols, part, mask=cmask, sem="relaxed")
+
+
+@triton.jit
+def gather_rows_kernel(
+    src_ptr,
+    stride_sm,
+    order_ptr,
+    offs_ptr,
+    scale_ptr,
+    out_ptr,
+    col_sum_ptr,
+    N,
+    E: tl.constexpr,
+    E_P2: tl.constexpr,
+    TOP_K: tl.constexpr,
+    SCALE: tl.constexpr,
+    COL_SUMS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """out[r] = src[order[r] // TOP_K] (times scale[order[r]] with SCALE), computed in
+    fp32 and rounded to out's dtype, for the sorted rows r (out (R, N) contiguous).
+
+    Program (t, n): row tile t of BM sorted rows of one expert e (as the GEMM's tiles)
+    and BN columns; COL_SUMS adds the tile's column sums of the stored rows to
+    ``col_sum[e]`` (N,) with fp32 atomics (zeroed before).
+    """
+    e, row0, row_end = _row_tile(offs_ptr, tl.program_id(0), E, E_P2, BM)
+    if e < E:
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        flat = tl.load(order_ptr + rows, mask=rmask, other=0)
+        src = (flat // TOP_K).to(tl.int64)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        v = tl.load(src_ptr + src[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0)
+        v = v.to(tl.float32)
+        if SCALE:
+            v = v * tl.load(scale_ptr + flat, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        v = v.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], v, mask=mask)
+        if COL_SUMS:
+            part = tl.sum(tl.where(mask, v.to(tl.float32), 0.0), axis=0)
+            tl.atomic_add(col_sum_ptr + e * N + cols, part, mask=cmask, sem="relaxed")
 
 
 @triton.jit
@@ -383,23 +443,40 @@ def top_k_gate_kernel(
 def slot_combine_kernel(
     y_ptr,
     g_ptr,
+    inv_ptr,
+    ids_ptr,
+    bias_ptr,
     out_ptr,
     M,
     D,
     TOP_K: tl.constexpr,
     HAS_G: tl.constexpr,
+    SORTED_Y: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BR: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """out[m] = sum_j g[m*k + j] * y[m*k + j] (g = 1 without HAS_G); fp32 sum."""
+    """out[m] = sum_j g[f] * (y[row(f)] + bias[ids[f]]), f = m*k + j; row(f) = inv[f]
+    (SORTED_Y: y in sorted order) or f; g = 1 without HAS_G, no bias without
+    HAS_BIAS; fp32 sum."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < M
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    mask = rmask[:, None] & (cols < D)[None, :]
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
     acc = tl.zeros((BR, BD), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         f = rows.to(tl.int64) * TOP_K + j
-        y = tl.load(y_ptr + f[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        yrow = f
+        if SORTED_Y:
+            yrow = tl.load(inv_ptr + f, mask=rmask, other=0).to(tl.int64)
+        y = tl.load(y_ptr + yrow[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        y = y.to(tl.float32)
+        if HAS_BIAS:
+            e = tl.load(ids_ptr + f, mask=rmask, other=0).to(tl.int64)
+            y += tl.load(bias_ptr + e[:, None] * D + cols[None, :], mask=mask, other=0.0).to(
+                tl.float32
+            )
         if HAS_G:
             g = tl.load(g_ptr + f, mask=rmask, other=0.0).to(tl.float32)
             y = y * g[:, None]
@@ -410,17 +487,40 @@ def slot_combine_kernel(
 
 @triton.jit
 def slot_dot_kernel(
-    dout_ptr, y_ptr, dg_ptr, R, D, TOP_K: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr
+    dout_ptr,
+    y_ptr,
+    inv_ptr,
+    ids_ptr,
+    bias_ptr,
+    dg_ptr,
+    R,
+    D,
+    TOP_K: tl.constexpr,
+    SORTED_Y: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
 ):
-    """dg[f] = <dout[f // k], y[f]> over the D columns, fp32 accumulation."""
+    """dg[f] = <dout[f // k], y[row(f)] + bias[ids[f]]> over the D columns, fp32
+    accumulation; row(f) = inv[f] (SORTED_Y) or f; no bias without HAS_BIAS."""
     f = tl.program_id(0) * BR + tl.arange(0, BR)
     fmask = f < R
     tok = (f // TOP_K).to(tl.int64)
+    yrow = f.to(tl.int64)
+    if SORTED_Y:
+        yrow = tl.load(inv_ptr + f, mask=fmask, other=0).to(tl.int64)
+    if HAS_BIAS:
+        e = tl.load(ids_ptr + f, mask=fmask, other=0).to(tl.int64)
     acc = tl.zeros((BR,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
         mask = fmask[:, None] & (cols < D)[None, :]
         g = tl.load(dout_ptr + tok[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        y = tl.load(y_ptr + f.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        acc += tl.sum(g.to(tl.float32) * y.to(tl.float32), axis=1)
+        y = tl.load(y_ptr + yrow[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        y = y.to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + e[:, None] * D + cols[None, :], mask=mask, other=0.0).to(
+                tl.float32
+            )
+        acc += tl.sum(g.to(tl.float32) * y, axis=1)
     tl.store(dg_ptr + f, acc.to(dg_ptr.dtype.element_ty), mask=fmask)
