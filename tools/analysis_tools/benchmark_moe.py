@@ -16,6 +16,8 @@ router logits), printed as markdown tables:
 (a') the same layer forward only (inference, no autograd) at 1, 8 and 64 images.
 (a'') with ``--profile``: CUDA kernel time per kernel of one fwd+bwd of the fused and
     grouped paths, and the two grouped GEMMs + GELU alone on pre-sorted rows (a floor).
+``--tile-sweep`` / ``--variants``: the fused layer's GEMM tile shapes / its training
+products (all Triton, or mixed with ``torch._grouped_mm``) at the training shape.
 
 ``--expert-parallel`` (under torchrun, 2+ GPUs): one MoE layer at the task-batched
 training shape with experts replicated (grouped dispatch + the expert-gradient
@@ -266,6 +268,76 @@ def tile_sweep(p: Problem, reps: int) -> str:
     )
 
 
+def variant_table(p: Problem, reps: int) -> str:
+    """Fused layer fwd+bwd GPU ms for its training products (``fused.TRAIN_MATMULS``)
+    and GEMM tiles beside the dense MLP; "grads None" = every parameter's ``.grad``
+    set to None before each step (as the training loop's ``zero_grad`` does), instead
+    of accumulated across the repetitions."""
+    from mmseg_m3vit.models.moe import fused
+
+    saved = (fused.TRAIN_MATMULS, dict(fused.GEMM_TILES))
+    variants = [  # training products, GEMM tile (None: the default)
+        ("triton", None),
+        ("mixed", None),
+        ("mixed", (128, 128, 64, 8, 4)),
+        ("mixed", (64, 128, 64, 4, 4)),
+        ("mixed", (128, 64, 64, 4, 4)),
+    ]
+    leaves = [p.x, p.gates, *p.experts, *p.dense]
+
+    def step(fwd: Callable[[], Tensor], none: bool) -> Callable[[], None]:
+        def run() -> None:
+            if none:
+                for t in leaves:
+                    t.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fwd()
+            out.backward(p.grad_out.to(out.dtype))
+
+        return run
+
+    def both(fwd: Callable[[], Tensor]) -> tuple[float, float]:
+        return tuple(bench(step(fwd, n), "cuda", 3, reps, hide_launch=True) for n in (False, True))
+
+    dense = both(p.dense_mlp)
+    rows = [["dense MLP (baseline)", "-", f"{dense[0]:.3f}", "1.00x", f"{dense[1]:.3f}", "1.00x"]]
+    fwd = p.moe(DISPATCH_IMPLS["fused"])
+    for matmuls, tile in variants:
+        fused.TRAIN_MATMULS = matmuls
+        fused.GEMM_TILES.clear()
+        fused.GEMM_TILES.update(saved[1])
+        label = "default"
+        if tile is not None:
+            bm, bn, bk, w, st = tile
+            fused.GEMM_TILES.update(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
+            label = f"{bm}x{bn}x{bk} w{w} s{st}"
+        try:
+            acc, none = both(fwd)
+            rows.append(
+                [
+                    f"fused, {matmuls}",
+                    label,
+                    f"{acc:.3f}",
+                    f"{acc / dense[0]:.2f}x",
+                    f"{none:.3f}",
+                    f"{none / dense[1]:.2f}x",
+                ]
+            )
+        except Exception as exc:  # e.g. out of shared memory, a compiler failure
+            rows.append([f"fused, {matmuls}", label, "failed", type(exc).__name__, "", ""])
+    fused.TRAIN_MATMULS = saved[0]
+    fused.GEMM_TILES.clear()
+    fused.GEMM_TILES.update(saved[1])
+    for t in leaves:
+        t.grad = None
+    return table(
+        f"fused training products and GEMM tiles, fwd+bwd, {p.m} tokens, GPU ms "
+        "(kernels queued ahead)",
+        ["implementation", "GEMM tile", "grads accumulated", "vs dense", "grads None", "vs dense"],
+        rows,
+    )
+
+
 # ----------------------------------------------------------------------------- EP
 def _timed_all_ranks(fn: Callable[[], object], warmup: int, reps: int) -> float:
     """Median ms of ``fn`` over ``reps`` runs, every rank starting together."""
@@ -434,6 +506,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="per-kernel tables and GEMM floor")
     p.add_argument("--compile", action="store_true", help="add grouped + torch.compile rows")
     p.add_argument("--tile-sweep", action="store_true", help="fused kernels' tile shapes")
+    p.add_argument("--variants", action="store_true", help="fused training products")
     p.add_argument("--infer-batches", default="1,8,64", help="(a') images, comma-separated")
     p.add_argument("--expert-parallel", action="store_true", help="torchrun, 2+ GPUs")
     p.add_argument("--ep-experts", type=int, nargs="+", default=[16, 64])
@@ -466,6 +539,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         print("(a') " + out[-1], flush=True)
     if args.tile_sweep and device == "cuda":
         out.append(tile_sweep(Problem(train_images * tokens, d, hd, e, k, device, True), reps))
+        print(out[-1], flush=True)
+    if args.variants and device == "cuda":
+        out.append(variant_table(Problem(train_images * tokens, d, hd, e, k, device, True), reps))
         print(out[-1], flush=True)
     if args.profile and device == "cuda":
         out.append(profile_tables(Problem(train_images * tokens, d, hd, e, k, device, True)))
