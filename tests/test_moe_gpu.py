@@ -317,7 +317,8 @@ def test_fused_bf16_matches_float64_as_well_as_sorted_bf16(shape) -> None:
     Triton's CPU interpreter rounds to bf16 by truncation, which doubles its error)."""
     m, d, hd, e, k, case = shape
     p = _fused_problem(m, d, hd, e, k, case, seed=12, device=KERNEL_DEVICE)
-    grad_out = torch.randn(m, d, dtype=torch.float64, device=KERNEL_DEVICE)
+    g = torch.Generator().manual_seed(12)
+    grad_out = torch.randn(m, d, generator=g, dtype=torch.float64).to(KERNEL_DEVICE)
     ref, ref_grads = run_with_grads(sorted_dispatch, p, grad_out, torch.float64)
 
     def under_autocast(fn):
