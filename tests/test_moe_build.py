@@ -114,6 +114,10 @@ def test_csim_of_the_generated_design(reordered_build: Path) -> None:
     assert csim.main(["--build", str(reordered_build)]) == 0
     rep = json.loads((reordered_build / "csim" / "csim_report.json").read_text())
     assert rep["all_match"] and len(rep["nodes"]) == 4
+    # by default: input.npy and every verification image the build wrote
+    n_verify = len(np.load(reordered_build / "verify_input.npy"))
+    assert n_verify >= 1 and rep["inputs"] == 1 + n_verify
+    assert all(len(n["runs"]) == rep["inputs"] for n in rep["nodes"])
     ffn = next(n for n in rep["nodes"] if n["op_type"] == "ExpertFFN_hls")
     ev = ffn["runs"][0]["events_kernel"]
     assert sum(ev["load"].values()) > 0 and sum(ev["compute"].values()) > 0

@@ -304,6 +304,23 @@ def test_estimates_and_cycles_are_positive() -> None:
                 assert inst.cycles_for(routing)["cycles"] <= inst.get_exp_cycles()
 
 
+def test_csim_default_inputs_are_the_builds_input_and_verification_images(tmp_path) -> None:
+    """Without --inputs, csim.py simulates input.npy and, when the build wrote them, the
+    verification images (a stack of N arrays becomes N inputs)."""
+    from finn_flow.moe_ops import csim
+
+    np.save(tmp_path / "input.npy", np.zeros((2, 3), np.float32))
+    assert csim.default_inputs(tmp_path) == [str(tmp_path / "input.npy")]
+    assert len(csim._inputs(tmp_path, [], (2, 3))) == 1
+    np.save(tmp_path / "verify_input.npy", np.arange(30, dtype=np.float32).reshape(5, 2, 3))
+    assert csim.default_inputs(tmp_path) == [
+        str(tmp_path / "input.npy"),
+        str(tmp_path / "verify_input.npy"),
+    ]
+    arrays = csim._inputs(tmp_path, [], (2, 3))
+    assert len(arrays) == 6 and np.array_equal(arrays[3], np.arange(12, 18).reshape(2, 3))
+
+
 def test_bad_inputs_get_clear_errors(tmp_path, capsys) -> None:
     from qonnx.core.modelwrapper import ModelWrapper
 

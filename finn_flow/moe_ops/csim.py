@@ -13,7 +13,8 @@ the generated design (``TopKGate_hls``, ``ExpertDispatch_hls``, ``ExpertFFN_hls`
    testbench for it;
 2. computes the node's actual inputs: the HW-layer graph of the build (the last
    intermediate model whose MoE ops are not yet specialised, so it runs in Python) is
-   executed on each input array (default: the build's ``input.npy``);
+   executed on each input array (default: the build's ``input.npy`` and, when the
+   build wrote them, its verification images ``verify_input.npy``);
 3. compiles top + testbench with g++ against the ap_int / hls_stream headers of the
    pinned ``hls4ml`` wheel, feeds the inputs and the DDR image (``moe_experts.bin``,
    written from the design's ExpertFFN nodes), and
@@ -162,9 +163,16 @@ def _step_order(out: Path, inter: Path) -> list[Path]:
     return paths + rest if paths else rest
 
 
+def default_inputs(out: Path) -> list[str]:
+    """The build's ``input.npy``, then ``verify_input.npy`` (N images) when present."""
+    files = [out / "input.npy", out / "verify_input.npy"]
+    return [str(f) for f in files[:1] + [f for f in files[1:] if f.is_file()]]
+
+
 def _inputs(out: Path, files: list[str], shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Input arrays of ``shape`` from .npy files holding one array or a stack of them."""
     arrays = []
-    for f in files or [str(out / "input.npy")]:
+    for f in files or default_inputs(out):
         if not Path(f).is_file():
             raise CsimError(f"input file {f} does not exist")
         a = np.load(f)
@@ -468,7 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--build", required=True, help="finn_flow/build.py --mode codegen output folder")
-    p.add_argument("--inputs", nargs="*", default=[], help="input arrays (.npy; default input.npy)")
+    p.add_argument(
+        "--inputs",
+        nargs="*",
+        default=[],
+        help="input arrays (.npy, one array or a stack; default: the build's input.npy and "
+        "verify_input.npy)",
+    )
     p.add_argument("--work", default=None, help="work folder (default BUILD/csim)")
     args = p.parse_args(argv)
     build = Path(args.build).resolve()
