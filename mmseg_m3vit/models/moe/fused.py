@@ -66,6 +66,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: reduction split over programs that add into fp32 with atomics), 0 = one program per
 #: expert and tile.
 GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+#: Tiles of the two epilogue GEMMs of a ``'mixed'`` training step (:data:`TRAIN_MATMULS`):
+#: smaller programs, so that one program's epilogue overlaps another's main loop on the
+#: same SM (fwd+bwd 0.487 vs 0.499 ms at :data:`GEMM_TILES`, ``benchmark_moe.py
+#: --variants``; for inference's forward the larger tiles measured faster).
+TRAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
 WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 _GATHER_CFG = dict(BM=64, BN=128, num_warps=4)
@@ -169,8 +174,10 @@ def _gemm(
     scale: Tensor | None = None,
     gelu_grad: bool = False,
     col_sum: Tensor | None = None,
+    tiles: dict | None = None,
 ) -> None:
-    """One :func:`.fused_kernels.expert_gemm_kernel` launch over all sorted rows.
+    """One :func:`.fused_kernels.expert_gemm_kernel` launch over all sorted rows
+    (``tiles``: its tile shape, default :data:`GEMM_TILES`).
 
     ``w`` (E, K, N), or (E, N, K) used transposed when ``transpose_w``. ``col_sum``
     (E, N) fp32 zeros: add each expert's column sums of the written rows.
@@ -183,7 +190,7 @@ def _gemm(
         k, n = w.shape[1], w.shape[2]
         s_k, s_n = w.stride(1), w.stride(2)
     r = sort.order.shape[0]
-    cfg = GEMM_TILES
+    cfg = tiles or GEMM_TILES
     tiles = triton.cdiv(r, cfg["BM"]) + e
     grid = (tiles * triton.cdiv(n, cfg["BN"]),)
     dummy = out
@@ -401,7 +408,7 @@ def _forward(
         xs = _gather(x, sort, cd)  # (R, D) sorted rows, converted on the way
         if r:
             _gemm(xs, sort, w1b, False, h, gather_a=False, scatter_out=False, bias=b1b,
-                  gelu=True, pre=pre, save_pre=save)  # fmt: skip
+                  gelu=True, pre=pre, save_pre=save, tiles=TRAIN_GEMM_TILES)  # fmt: skip
         y = _grouped_mm(h, w2b, sort)  # (R, D) sorted, without b2
         out = _combine(y, gb, m, k, cd, sort=sort, bias=b2b)
         return out, ((xs, gb, w1b, w2b, b2b, pre, h, y) if save else ())
@@ -477,7 +484,7 @@ class _FusedExpertFFN(torch.autograd.Function):
             gds = _gather(db16, sort, cd, scale=gb, col_sum=db2)  # gate * dout rows, sorted
             if r:
                 _gemm(gds, sort, w2b, True, dpre, gather_a=False, scatter_out=False, pre=pre,
-                      gelu_grad=True, col_sum=db1)  # fmt: skip
+                      gelu_grad=True, col_sum=db1, tiles=TRAIN_GEMM_TILES)  # fmt: skip
             dw2 = _grouped_wgrad(h, gds, sort, w2_dtype)
             dw1 = _grouped_wgrad(x_, dpre, sort, w1_dtype)
         else:
