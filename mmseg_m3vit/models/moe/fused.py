@@ -16,7 +16,8 @@ Forward, with no host synchronisation (so a CUDA graph can capture it):
 3. one grouped GEMM for ``@ w2 + b2`` that writes each row to its (token, slot) place;
 4. one kernel that sums each token's k rows weighted by its gates.
 
-Backward: the gate gradient (row dot products), one grouped GEMM for the hidden-layer
+Backward (all products in Triton, :data:`TRAIN_MATMULS` ``'triton'``): the gate
+gradient (row dot products), one grouped GEMM for the hidden-layer
 gradient with the gate scale and GELU' in its epilogue, two weight-gradient kernels
 (with the bias gradients; each expert's rows split over several programs that add
 their partial products with fp32 atomics), one grouped GEMM for the input rows and
@@ -33,8 +34,9 @@ It keeps x's rows in sorted order, k times the memory of x, until the backward.
 
 Inference (:func:`fused_top_k`): the router's softmax, top-k and the sort's histogram
 run in one kernel before the same forward.
-Operands are bf16 with fp32 accumulation; weight and bias gradients are written in
-fp32 and returned in the parameters' dtype. The kernels are in :mod:`.fused_kernels`;
+Operands are bf16 with fp32 accumulation; weight gradients are written in fp32 (bf16
+in the ``'mixed'`` step), bias gradients in fp32, and both returned in the parameters'
+dtype. The kernels are in :mod:`.fused_kernels`;
 this path is used for CUDA tensors computed in bf16 (:func:`fused_usable`).
 """
 
