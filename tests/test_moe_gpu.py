@@ -351,16 +351,18 @@ def test_fused_bf16_matches_float64_as_well_as_sorted_bf16(shape) -> None:
 
 @pytest.mark.gpu
 @requires_kernels
-@pytest.mark.parametrize("train_matmuls", ["mixed", "triton"])
+@pytest.mark.parametrize("train_matmuls", ["mixed", "grouped", "triton"])
 @pytest.mark.parametrize(
     "shape",
     [FUSED_CASES[1], FUSED_CASES[3], FUSED_CASES[4], (300, 64, 48, 8, 4, "empty")],
     ids=lambda c: f"{c[-1]}-m{c[0]}-k{c[4]}",
 )
 def test_fused_bf16_training_products_match_float64(shape, train_matmuls: str, monkeypatch) -> None:
-    """Both sets of training products of the bf16 path (``'mixed'``: Triton GEMMs with
+    """Each set of training products of the bf16 path (``'mixed'``: Triton GEMMs with
     fused epilogues + ``torch._grouped_mm`` on rows gathered into sorted order;
-    ``'triton'``: every product in the Triton kernels) vs float64 and the sorted bf16
+    ``'grouped'``: every product through ``torch._grouped_mm``, the hidden layer's
+    epilogues in separate passes; ``'triton'``: every product in the Triton kernels)
+    vs float64 and the sorted bf16
     reference (:func:`_check_bf16_against_float64`); experts that get no token have
     exactly zero weight and bias gradients."""
     monkeypatch.setattr(fused, "TRAIN_MATMULS", train_matmuls)
@@ -374,14 +376,15 @@ def test_fused_bf16_training_products_match_float64(shape, train_matmuls: str, m
 
 @pytest.mark.gpu
 @requires_kernels
-@pytest.mark.parametrize("train_matmuls", ["triton", "mixed"])
+@pytest.mark.parametrize("train_matmuls", ["triton", "mixed", "grouped"])
 def test_fused_inference_equals_training_forward_and_writes_every_row(
     train_matmuls: str, monkeypatch
 ) -> None:
     """No-grad forward (no saved pre-activations) == the autograd forward: bit for bit
-    when training takes the same Triton products; with the ``'mixed'`` training
-    products (``@ w2`` through ``torch._grouped_mm``, ``b2`` added in fp32 in the slot
-    sum) within two bf16 roundings. Outputs are written over NaN-poisoned memory."""
+    when training takes the same Triton products; with the ``'mixed'`` and
+    ``'grouped'`` training products (``@ w2`` through ``torch._grouped_mm``, ``b2``
+    added in fp32 in the slot sum) within two bf16 roundings. Outputs are written over
+    NaN-poisoned memory."""
     monkeypatch.setattr(fused, "TRAIN_MATMULS", train_matmuls)
     p = _fused_problem(41, 32, 32, 6, 3, "empty", seed=13, device=KERNEL_DEVICE)
     leaves = {n: t.float().requires_grad_(True) if n in GRAD_NAMES else t for n, t in p.items()}

@@ -14,10 +14,14 @@ router logits), printed as markdown tables:
     grouped path through ``torch.compile``. GPU time has the host's launches queued
     ahead (launch overhead hidden); wall time is eager, launches included.
 (a') the same layer forward only (inference, no autograd) at 1, 8 and 64 images.
-(a'') with ``--profile``: CUDA kernel time per kernel of one fwd+bwd of the fused and
-    grouped paths, and the two grouped GEMMs + GELU alone on pre-sorted rows (a floor).
+(a'') with ``--profile``: CUDA kernel time per kernel of one fwd+bwd of the dense MLP,
+    the fused path (with each set of training products that uses ``torch._grouped_mm``)
+    and the grouped path, and the two grouped GEMMs + GELU alone on pre-sorted rows
+    (a floor).
 ``--tile-sweep`` / ``--variants``: the fused layer's GEMM tile shapes / its training
-products (all Triton, or mixed with ``torch._grouped_mm``) at the training shape.
+products (all Triton, mixed, or all through ``torch._grouped_mm``; see
+``fused.TRAIN_MATMULS``) and tiles at the training shape. ``--train-matmuls`` sets
+the training products of every table.
 
 ``--expert-parallel`` (under torchrun, 2+ GPUs): one MoE layer at the task-batched
 training shape with experts replicated (grouped dispatch + the expert-gradient
@@ -167,9 +171,15 @@ def profile_tables(p: Problem, reps: int = 20) -> str:
     """(a''): per-kernel CUDA time of one fwd+bwd for fused and grouped, and the floor."""
     from torch.profiler import ProfilerActivity, profile
 
+    from mmseg_m3vit.models.moe import fused
+
     text = []
-    for name in ("fused", "grouped"):
-        fwd = p.moe(DISPATCH_IMPLS[name])
+    saved = fused.TRAIN_MATMULS
+    cases = [("dense MLP", None), ("fused, mixed", "mixed"), ("fused, grouped", "grouped")]
+    for name, products in [*cases, ("grouped", None)]:
+        if products is not None:
+            fused.TRAIN_MATMULS = products
+        fwd = p.dense_mlp if name == "dense MLP" else p.moe(DISPATCH_IMPLS[name.split(",")[0]])
 
         def step(fwd: Callable[[], Tensor] = fwd) -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -191,6 +201,7 @@ def profile_tables(p: Problem, reps: int = 20) -> str:
         rows = [[k, f"{v:.1f}"] for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:14]]
         rows.append(["total", f"{sum(per.values()):.1f}"])
         text.append(table(f"(a'') {name}: CUDA us per fwd+bwd, by kernel", ["kernel", "us"], rows))
+        fused.TRAIN_MATMULS = saved
     # floor: the two grouped GEMMs + GELU on pre-sorted rows, fwd+bwd
     flat = p.ids.reshape(-1)
     order = torch.sort(flat, stable=True).indices
@@ -270,19 +281,31 @@ def tile_sweep(p: Problem, reps: int) -> str:
 
 def variant_table(p: Problem, reps: int) -> str:
     """Fused layer fwd+bwd GPU ms for its training products (``fused.TRAIN_MATMULS``)
-    and GEMM tiles beside the dense MLP; "grads None" = every parameter's ``.grad``
+    and tile shapes beside the dense MLP; "grads None" = every parameter's ``.grad``
     set to None before each step (as the training loop's ``zero_grad`` does), instead
     of accumulated across the repetitions."""
     from mmseg_m3vit.models.moe import fused
 
-    saved = (fused.TRAIN_MATMULS, dict(fused.TRAIN_GEMM_TILES))
-    variants = [  # training products, tile of the mixed step's Triton GEMMs (None: default)
-        ("triton", None),
-        ("mixed", None),
-        ("mixed", (128, 128, 64, 8, 3)),
-        ("mixed", (128, 128, 64, 8, 4)),
-        ("mixed", (128, 64, 64, 4, 4)),
+    # training products, label, {tile dict of fused: its overrides} (empty: defaults)
+    variants: list[tuple[str, str, dict[str, dict]]] = [
+        ("triton", "GEMM_TILES", {}),
+        ("mixed", "default tiles", {}),
+        ("mixed", "GEMM 128x64x64 w4 s4", {"TRAIN_GEMM_TILES": dict(BM=128, BN=64)}),
+        ("grouped", "default tiles", {}),
+        ("grouped", "rows 32x128 w4", {"_ROWS_TILE_CFG": dict(BM=32)}),
+        ("grouped", "rows 128x128 w8", {"_ROWS_TILE_CFG": dict(BM=128, num_warps=8)}),
+        ("grouped", "gather 32x128 w4", {"_GATHER_CFG": dict(BM=32)}),
+        ("grouped", "gather 128x128 w8", {"_GATHER_CFG": dict(BM=128, num_warps=8)}),
     ]
+    tile_dicts = {n: getattr(fused, n) for v in variants for n in v[2]}
+    saved = (fused.TRAIN_MATMULS, {n: dict(t) for n, t in tile_dicts.items()})
+
+    def restore() -> None:
+        fused.TRAIN_MATMULS = saved[0]
+        for n, t in tile_dicts.items():
+            t.clear()
+            t.update(saved[1][n])
+
     leaves = [p.x, p.gates, *p.experts, *p.dense]
 
     def step(fwd: Callable[[], Tensor], none: bool) -> Callable[[], None]:
@@ -302,15 +325,11 @@ def variant_table(p: Problem, reps: int) -> str:
     dense = both(p.dense_mlp)
     rows = [["dense MLP (baseline)", "-", f"{dense[0]:.3f}", "1.00x", f"{dense[1]:.3f}", "1.00x"]]
     fwd = p.moe(DISPATCH_IMPLS["fused"])
-    for matmuls, tile in variants:
+    for matmuls, label, overrides in variants:
+        restore()
         fused.TRAIN_MATMULS = matmuls
-        fused.TRAIN_GEMM_TILES.clear()
-        fused.TRAIN_GEMM_TILES.update(saved[1])
-        label = "default" if matmuls == "mixed" else "GEMM_TILES"
-        if tile is not None:
-            bm, bn, bk, w, st = tile
-            fused.TRAIN_GEMM_TILES.update(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
-            label = f"{bm}x{bn}x{bk} w{w} s{st}"
+        for n, kv in overrides.items():
+            tile_dicts[n].update(kv)
         try:
             acc, none = both(fwd)
             rows.append(
@@ -325,15 +344,13 @@ def variant_table(p: Problem, reps: int) -> str:
             )
         except Exception as exc:  # e.g. out of shared memory, a compiler failure
             rows.append([f"fused, {matmuls}", label, "failed", type(exc).__name__, "", ""])
-    fused.TRAIN_MATMULS = saved[0]
-    fused.TRAIN_GEMM_TILES.clear()
-    fused.TRAIN_GEMM_TILES.update(saved[1])
+    restore()
     for t in leaves:
         t.grad = None
     return table(
         f"fused training products and GEMM tiles, fwd+bwd, {p.m} tokens, GPU ms "
         "(kernels queued ahead)",
-        ["implementation", "GEMM tile", "grads accumulated", "vs dense", "grads None", "vs dense"],
+        ["implementation", "tiles", "grads accumulated", "vs dense", "grads None", "vs dense"],
         rows,
     )
 
@@ -507,6 +524,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="add grouped + torch.compile rows")
     p.add_argument("--tile-sweep", action="store_true", help="fused kernels' tile shapes")
     p.add_argument("--variants", action="store_true", help="fused training products")
+    p.add_argument(
+        "--train-matmuls",
+        default=None,
+        choices=["mixed", "grouped", "triton"],
+        help="fused.TRAIN_MATMULS for every table (default: the module's)",
+    )
     p.add_argument("--infer-batches", default="1,8,64", help="(a') images, comma-separated")
     p.add_argument("--expert-parallel", action="store_true", help="torchrun, 2+ GPUs")
     p.add_argument("--ep-experts", type=int, nargs="+", default=[16, 64])
@@ -525,6 +548,10 @@ def main(argv: list[str] | None = None) -> list[str]:
         raise SystemExit("CUDA is not available; use --device cpu --small")
     reps = args.reps or (2 if args.small else 50)
     warmup = 1 if args.small else 10
+    if args.train_matmuls is not None:
+        from mmseg_m3vit.models.moe import fused
+
+        fused.TRAIN_MATMULS = args.train_matmuls
     if device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}\n", flush=True)
     d, hd, e, k, tokens = (16, 16, 4, 2, 9) if args.small else (384, 384, 16, 4, 1201)

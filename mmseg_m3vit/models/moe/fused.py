@@ -31,6 +31,10 @@ gate-scaled ``dout`` rows with the ``b2`` gradient), and the four plain products
 through ``torch._grouped_mm`` on sorted rows (``@ w2`` with ``b2`` added in the slot
 sum, ``@ w1^T``, both weight gradients, in bf16 as autocast's dense layers give them).
 It keeps x's rows in sorted order, k times the memory of x, until the backward.
+``'grouped'`` runs all six products through ``torch._grouped_mm`` and the hidden
+layer's epilogues as separate passes over the sorted rows (``+ b1`` and GELU; GELU'
+with the ``b1`` gradient), keeping ``x @ w1`` without ``b1`` for the backward. In both,
+the gate gradient is computed by the kernel that gathers the gate-scaled ``dout`` rows.
 
 Inference (:func:`fused_top_k`): the router's softmax, top-k and the sort's histogram
 run in one kernel before the same forward.
@@ -76,14 +80,18 @@ TRAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
 WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 _GATHER_CFG = dict(BM=64, BN=128, num_warps=4)
+_ROWS_TILE_CFG = dict(BM=64, BN=128, num_warps=4)
 #: Matrix products of a bf16 training step (forward with autograd, and backward):
 #: ``'mixed'`` = the Triton grouped GEMM where an epilogue is fused into it (bias +
 #: GELU; gate scale + GELU' + bias gradient) and ``torch._grouped_mm`` (CUTLASS on sm90)
 #: for the plain products on sorted rows (``@ w2``, ``@ w1^T`` and both weight
-#: gradients, bf16 results as autocast's dense layers give); ``'triton'`` = every
-#: product in the Triton kernels (gathers on load, fp32 weight gradients). Float32
-#: operands and inference always use the Triton kernels.
+#: gradients, bf16 results as autocast's dense layers give); ``'grouped'`` = all six
+#: products through ``torch._grouped_mm``, with the hidden layer's bias, GELU and GELU'
+#: in elementwise passes over the sorted rows; ``'triton'`` = every product in the
+#: Triton kernels (gathers on load, fp32 weight gradients). Float32 operands and
+#: inference always use the Triton kernels.
 TRAIN_MATMULS = "mixed"
+TRAIN_MATMULS_CHOICES = ("mixed", "grouped", "triton")
 _SORT_BLOCK_ELEMS = 8192  # BLOCK x E_P2 one-hot elements per sort program
 
 
@@ -234,15 +242,21 @@ def _gather(
     dtype: torch.dtype,
     scale: Tensor | None = None,
     col_sum: Tensor | None = None,
+    dot: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """(R, N) rows ``src[order[r] // k]`` (times ``scale[order[r]]``) in sorted order,
-    in ``dtype``; ``col_sum`` (E, N) fp32 zeros: add each expert's column sums."""
+    in ``dtype``; ``col_sum`` (E, N) fp32 zeros: add each expert's column sums.
+
+    ``dot`` = (y (R, N) sorted, bias (E, N), out (M*k,)): also
+    ``out[order[r]] = <src[order[r] // k], y[r] + bias[e]>`` (the gate gradient)."""
     r, n = sort.order.shape[0], src.shape[1]
     out = torch.empty(r, n, dtype=dtype, device=src.device)
     if r == 0:
         return out
     cfg = _GATHER_CFG
-    grid = (triton.cdiv(r, cfg["BM"]) + sort.num_experts, triton.cdiv(n, cfg["BN"]))
+    col_programs = 1 if dot is not None else triton.cdiv(n, cfg["BN"])
+    grid = (triton.cdiv(r, cfg["BM"]) + sort.num_experts, col_programs)
+    y, bias, dot_out = dot if dot is not None else (src, src, src)
     kernels.gather_rows_kernel[grid](
         src,
         src.stride(0),
@@ -251,26 +265,69 @@ def _gather(
         scale if scale is not None else src,
         out,
         col_sum if col_sum is not None else out,
+        y,
+        bias,
+        dot_out,
         n,
         E=sort.num_experts,
         E_P2=max(_next_pow2(sort.num_experts), 2),
         TOP_K=sort.top_k,
         SCALE=scale is not None,
         COL_SUMS=col_sum is not None,
+        DOT=dot is not None,
         **cfg,
     )
     return out
 
 
-def _mixed_usable(cd: torch.dtype, device: torch.device) -> bool:
-    """Whether a training step takes the ``'mixed'`` products (:data:`TRAIN_MATMULS`):
-    bf16 operands and a torch with ``_grouped_mm``."""
-    return (
-        TRAIN_MATMULS == "mixed"
-        and cd == torch.bfloat16
+def _bias_gelu(
+    z: Tensor,
+    bias: Tensor,
+    sort: ExpertSort,
+    grad: Tensor | None = None,
+    col_sum: Tensor | None = None,
+) -> Tensor:
+    """Hidden layer of sorted rows z (R, Hd) of ``x @ w1`` without the bias:
+    ``GELU(z + bias[e])``, or with ``grad`` (R, Hd) ``grad * GELU'(z + bias[e])``;
+    (R, Hd) in z's dtype. ``col_sum`` (E, Hd) fp32 zeros: add each expert's column sums
+    of the result (the bias gradient)."""
+    r, n = z.shape
+    out = torch.empty_like(z)
+    if r == 0:
+        return out
+    cfg = _ROWS_TILE_CFG
+    grid = (triton.cdiv(r, cfg["BM"]) + sort.num_experts, triton.cdiv(n, cfg["BN"]))
+    kernels.bias_gelu_rows_kernel[grid](
+        z,
+        bias,
+        grad if grad is not None else z,
+        out,
+        col_sum if col_sum is not None else out,
+        sort.offs,
+        n,
+        E=sort.num_experts,
+        E_P2=max(_next_pow2(sort.num_experts), 2),
+        GRAD=grad is not None,
+        COL_SUMS=col_sum is not None,
+        **cfg,
+    )
+    return out
+
+
+def _train_products(cd: torch.dtype, device: torch.device) -> str:
+    """The products a training step takes: :data:`TRAIN_MATMULS` for bf16 operands
+    with a torch that has ``_grouped_mm``, else ``'triton'``."""
+    if TRAIN_MATMULS not in TRAIN_MATMULS_CHOICES:
+        raise ValueError(
+            f"fused.TRAIN_MATMULS = {TRAIN_MATMULS!r}; expected one of {TRAIN_MATMULS_CHOICES}"
+        )
+    if (
+        cd == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
         and (device.type == "cuda" or INTERPRET)
-    )
+    ):
+        return TRAIN_MATMULS
+    return "triton"
 
 
 def _grouped_mm(a: Tensor, w: Tensor, sort: ExpertSort) -> Tensor:
@@ -389,31 +446,40 @@ def _forward(
     sort: ExpertSort,
     save: bool,
     cd: torch.dtype,
-    mixed: bool = False,
+    products: str = "triton",
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Fused forward with operands in ``cd``; returns (out (M, D) in ``cd``, the tensors
     the backward needs when ``save``).
 
-    ``mixed`` (:data:`TRAIN_MATMULS`): x's rows are gathered into sorted order once
-    (kept for the weight gradient), and ``h @ w2`` runs through ``torch._grouped_mm``
-    on sorted rows with ``b2`` added in the slot sum. Else the first GEMM gathers x's
-    rows on load and the second adds ``b2`` and writes rows in flat order.
+    ``products`` (:data:`TRAIN_MATMULS`): with ``'mixed'`` and ``'grouped'`` x's rows
+    are gathered into sorted order once (kept for the weight gradient), and ``h @ w2``
+    runs through ``torch._grouped_mm`` on sorted rows with ``b2`` added in the slot
+    sum; ``'grouped'`` also multiplies ``@ w1`` there and applies ``+ b1`` and GELU in
+    a separate pass (keeping ``x @ w1`` instead of the pre-activation). With
+    ``'triton'`` the first GEMM gathers x's rows on load and the second adds ``b2``
+    and writes rows in flat order.
     """
     m, k = gates.shape
     r = m * k
     hd = w1.shape[2]
     w1b, b1b, w2b, b2b = (t.to(cd).contiguous() for t in (w1, b1, w2, b2))
     gb = gates.to(cd).contiguous()
-    h = torch.empty(r, hd, dtype=cd, device=x.device)
-    pre = torch.empty(r, hd, dtype=cd, device=x.device) if save else None
-    if mixed:
+    if products in ("mixed", "grouped"):
         xs = _gather(x, sort, cd)  # (R, D) sorted rows, converted on the way
-        if r:
-            _gemm(xs, sort, w1b, False, h, gather_a=False, scatter_out=False, bias=b1b,
-                  gelu=True, pre=pre, save_pre=save, tiles=TRAIN_GEMM_TILES)  # fmt: skip
+        if products == "grouped":
+            pre = _grouped_mm(xs, w1b, sort)  # x @ w1 without b1
+            h = _bias_gelu(pre, b1b, sort)
+        else:
+            h = torch.empty(r, hd, dtype=cd, device=x.device)
+            pre = torch.empty(r, hd, dtype=cd, device=x.device) if save else None
+            if r:
+                _gemm(xs, sort, w1b, False, h, gather_a=False, scatter_out=False, bias=b1b,
+                      gelu=True, pre=pre, save_pre=save, tiles=TRAIN_GEMM_TILES)  # fmt: skip
         y = _grouped_mm(h, w2b, sort)  # (R, D) sorted, without b2
         out = _combine(y, gb, m, k, cd, sort=sort, bias=b2b)
-        return out, ((xs, gb, w1b, w2b, b2b, pre, h, y) if save else ())
+        return out, ((xs, gb, w1b, b1b, w2b, b2b, pre, h, y) if save else ())
+    h = torch.empty(r, hd, dtype=cd, device=x.device)
+    pre = torch.empty(r, hd, dtype=cd, device=x.device) if save else None
     xc = x.to(cd).contiguous()  # (a GEMM load converting fp32 rows measured slower)
     y = torch.empty(r, x.shape[1], dtype=cd, device=x.device)
     if r:
@@ -421,7 +487,7 @@ def _forward(
               gelu=True, pre=pre, save_pre=save)  # fmt: skip
         _gemm(h, sort, w2b, False, y, gather_a=False, scatter_out=True, bias=b2b)
     out = _combine(y, gb, m, k, cd)
-    return out, ((xc, gb, w1b, w2b, b2b, pre, h, y) if save else ())
+    return out, ((xc, gb, w1b, b1b, w2b, b2b, pre, h, y) if save else ())
 
 
 class _FusedExpertFFN(torch.autograd.Function):
@@ -439,8 +505,8 @@ class _FusedExpertFFN(torch.autograd.Function):
         sort: ExpertSort,
         cd: torch.dtype,
     ) -> Tensor:
-        ctx.mixed = _mixed_usable(cd, x.device)
-        out, saved = _forward(x, gates, w1, b1, w2, b2, sort, True, cd, ctx.mixed)
+        ctx.products = _train_products(cd, x.device)
+        out, saved = _forward(x, gates, w1, b1, w2, b2, sort, True, cd, ctx.products)
         ctx.save_for_backward(*saved)
         ctx.sort = sort
         ctx.dtypes = (x.dtype, gates.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
@@ -448,11 +514,12 @@ class _FusedExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        # x_: x (M, D), or its rows in sorted order (R, D) when mixed; y likewise in
-        # flat order with b2, or sorted without
-        x_, gb, w1b, w2b, b2b, pre, h, y = ctx.saved_tensors
+        # x_: x (M, D), or its rows in sorted order (R, D) with the mixed / grouped
+        # products; y likewise in flat order with b2, or sorted without; pre: the
+        # pre-activation, or x @ w1 without b1 with the grouped products
+        x_, gb, w1b, b1b, w2b, b2b, pre, h, y = ctx.saved_tensors
         sort: ExpertSort = ctx.sort
-        mixed = ctx.mixed
+        products = ctx.products
         x_dtype, g_dtype, w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         m, k = gb.shape
         r = m * k
@@ -462,34 +529,31 @@ class _FusedExpertFFN(torch.autograd.Function):
         dgates = None
         if ctx.needs_input_grad[1]:
             dgates = torch.empty(m, k, dtype=g_dtype, device=dout.device)
-            if r:
-                cfg = _ROWS_CFG
-                kernels.slot_dot_kernel[(triton.cdiv(r, cfg["BR"]),)](
-                    db16,
-                    y,
-                    sort.inv,
-                    sort.ids,
-                    b2b,
-                    dgates,
-                    r,
-                    d,
-                    TOP_K=k,
-                    SORTED_Y=mixed,
-                    HAS_BIAS=mixed,
-                    **cfg,
-                )
         # dL/dpre = gate * (dout[token] @ w2[e]^T) * GELU'(pre), sorted rows
-        dpre = torch.empty(r, hd, dtype=cd, device=dout.device)
-        if mixed:
+        if products in ("mixed", "grouped"):
             sums = torch.zeros(e * (d + hd), dtype=torch.float32, device=dout.device)
             db2, db1 = sums[: e * d].view(e, d), sums[e * d :].view(e, hd)
-            gds = _gather(db16, sort, cd, scale=gb, col_sum=db2)  # gate * dout rows, sorted
-            if r:
-                _gemm(gds, sort, w2b, True, dpre, gather_a=False, scatter_out=False, pre=pre,
-                      gelu_grad=True, col_sum=db1, tiles=TRAIN_GEMM_TILES)  # fmt: skip
+            dot = (y, b2b, dgates) if dgates is not None else None
+            # gate * dout rows in sorted order, the b2 gradient and the gate gradient
+            gds = _gather(db16, sort, cd, scale=gb, col_sum=db2, dot=dot)
+            if products == "grouped":
+                dh = _grouped_mm(gds, w2b.transpose(1, 2), sort)
+                dpre = _bias_gelu(pre, b1b, sort, grad=dh, col_sum=db1)
+            else:
+                dpre = torch.empty(r, hd, dtype=cd, device=dout.device)
+                if r:
+                    _gemm(gds, sort, w2b, True, dpre, gather_a=False, scatter_out=False,
+                          pre=pre, gelu_grad=True, col_sum=db1,
+                          tiles=TRAIN_GEMM_TILES)  # fmt: skip
             dw2 = _grouped_wgrad(h, gds, sort, w2_dtype)
             dw1 = _grouped_wgrad(x_, dpre, sort, w1_dtype)
         else:
+            if dgates is not None and r:
+                cfg = _ROWS_CFG
+                kernels.slot_dot_kernel[(triton.cdiv(r, cfg["BR"]),)](
+                    db16, y, dgates, r, d, TOP_K=k, **cfg
+                )
+            dpre = torch.empty(r, hd, dtype=cd, device=dout.device)
             if r:
                 _gemm(db16, sort, w2b, True, dpre, gather_a=True, scatter_out=False, scale=gb,
                       pre=pre, gelu_grad=True)  # fmt: skip
@@ -501,7 +565,7 @@ class _FusedExpertFFN(torch.autograd.Function):
             )
         dx = None
         if ctx.needs_input_grad[0]:
-            if mixed:
+            if products in ("mixed", "grouped"):
                 dxs = _grouped_mm(dpre, w1b.transpose(1, 2), sort)  # sorted rows
                 dx = _combine(dxs, None, m, k, x_dtype, sort=sort)
             else:

@@ -22,11 +22,15 @@ Kernels:
 - :func:`top_k_gate_kernel`: softmax + top-k of the router logits (inference) and the
   per-block expert histogram of the counting sort, in one launch.
 - :func:`gather_rows_kernel`: token rows (optionally gate-scaled) written in sorted
-  order, with per-expert column sums (the operands of the weight gradients).
+  order, with per-expert column sums (the operands of the weight gradients) and
+  optionally the gate gradient (row dot products with the expert outputs).
+- :func:`bias_gelu_rows_kernel`: ``GELU(z + b[e])`` of sorted rows, or its gradient
+  ``g * GELU'(z + b[e])`` with the bias gradient as column sums (the hidden layer when
+  the products run outside Triton).
 - :func:`slot_combine_kernel`: ``out[m] = sum_j g[m, j] * (y[m*k + j] + b[e])`` (g and
   b optional; y in flat or in sorted order).
-- :func:`slot_dot_kernel`: ``dg[m, j] = <dout[m], y[m*k + j] + b[e]>`` (the gate
-  gradient).
+- :func:`slot_dot_kernel`: ``dg[m, j] = <dout[m], y[m*k + j]>`` (the gate gradient
+  of the all-Triton step).
 
 Matrix products take bf16 operands and accumulate in fp32.
 """
@@ -67,6 +71,18 @@ def _gelu_grad(x):
     """d GELU / dx = Phi(x) + x phi(x), in fp32."""
     cdf = 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
     return cdf + x * INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _store_tile(out_ptrs, v, mask, col_sum_ptrs, cmask, COL_SUMS: tl.constexpr):
+    """Store the (BM, BN) tile v rounded to the output's dtype; with COL_SUMS add the
+    column sums of the rounded values to ``col_sum_ptrs`` (BN,) with fp32 atomics
+    (the last bits depend on the order of the additions)."""
+    v = v.to(out_ptrs.dtype.element_ty)
+    tl.store(out_ptrs, v, mask=mask)
+    if COL_SUMS:
+        part = tl.sum(tl.where(mask, v.to(tl.float32), 0.0), axis=0)
+        tl.atomic_add(col_sum_ptrs, part, mask=cmask, sem="relaxed")
 
 
 @triton.jit
@@ -235,12 +251,8 @@ def expert_gemm_kernel(
         orow = flat
     else:
         orow = rows
-    res = acc.to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + orow.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, res, mask=omask)
-    if COL_SUMS:
-        part = tl.sum(tl.where(omask, res.to(tl.float32), 0.0), axis=0)
-        tl.atomic_add(col_sum_ptr + e * N + cols, part, mask=cmask, sem="relaxed")
+    _store_tile(out_ptrs, acc, omask, col_sum_ptr + e * N + cols, cmask, COL_SUMS)
 
 
 @triton.jit
@@ -252,12 +264,16 @@ def gather_rows_kernel(
     scale_ptr,
     out_ptr,
     col_sum_ptr,
+    y_ptr,
+    bias_ptr,
+    dot_ptr,
     N,
     E: tl.constexpr,
     E_P2: tl.constexpr,
     TOP_K: tl.constexpr,
     SCALE: tl.constexpr,
     COL_SUMS: tl.constexpr,
+    DOT: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
@@ -265,8 +281,11 @@ def gather_rows_kernel(
     fp32 and rounded to out's dtype, for the sorted rows r (out (R, N) contiguous).
 
     Program (t, n): row tile t of BM sorted rows of one expert e (as the GEMM's tiles)
-    and BN columns; COL_SUMS adds the tile's column sums of the stored rows to
-    ``col_sum[e]`` (N,) with fp32 atomics (zeroed before).
+    and the column blocks n, n + G, n + 2G, ... of BN columns (G programs along axis
+    1). COL_SUMS adds the tile's column sums of the stored rows to ``col_sum[e]`` (N,)
+    with fp32 atomics (zeroed before). DOT (launch with G = 1): also the gate gradient
+    ``dot[order[r]] = <src row, y[r] + bias[e]>`` over all N columns, fp32 sums of the
+    unscaled source row and y (R, N) in sorted order.
     """
     e, row0, row_end = _row_tile(offs_ptr, tl.program_id(0), E, E_P2, BM)
     if e < E:
@@ -274,18 +293,64 @@ def gather_rows_kernel(
         rmask = rows < row_end
         flat = tl.load(order_ptr + rows, mask=rmask, other=0)
         src = (flat // TOP_K).to(tl.int64)
+        if SCALE:
+            scale = tl.load(scale_ptr + flat, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        dot = tl.zeros((BM,), dtype=tl.float32)
+        for c0 in range(tl.program_id(1) * BN, N, tl.num_programs(1) * BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            v = tl.load(src_ptr + src[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0)
+            v = v.to(tl.float32)
+            sorted_at = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            if DOT:
+                y = tl.load(y_ptr + sorted_at, mask=mask, other=0.0).to(tl.float32)
+                y += tl.load(bias_ptr + e * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                dot += tl.sum(v * y, axis=1)
+            if SCALE:
+                v = v * scale
+            _store_tile(out_ptr + sorted_at, v, mask, col_sum_ptr + e * N + cols, cmask, COL_SUMS)
+        if DOT:
+            tl.store(dot_ptr + flat, dot.to(dot_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def bias_gelu_rows_kernel(
+    z_ptr,
+    bias_ptr,
+    g_ptr,
+    out_ptr,
+    col_sum_ptr,
+    offs_ptr,
+    N,
+    E: tl.constexpr,
+    E_P2: tl.constexpr,
+    GRAD: tl.constexpr,
+    COL_SUMS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """Hidden layer of the sorted rows r of expert e, pre = z[r] + bias[e] in fp32:
+    out[r] = GELU(pre), or with GRAD ``out[r] = g[r] * GELU'(pre)``; rounded to out's
+    dtype. z, g, out: (R, N) contiguous, in sorted order. COL_SUMS adds each tile's
+    column sums of the stored rows to ``col_sum[e]`` (N,) with fp32 atomics (zeroed
+    before). Program (t, n): row tile t of BM rows of one expert, BN columns.
+    """
+    e, row0, row_end = _row_tile(offs_ptr, tl.program_id(0), E, E_P2, BM)
+    if e < E:
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         cmask = cols < N
         mask = rmask[:, None] & cmask[None, :]
-        v = tl.load(src_ptr + src[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0)
-        v = v.to(tl.float32)
-        if SCALE:
-            v = v * tl.load(scale_ptr + flat, mask=rmask, other=0.0).to(tl.float32)[:, None]
-        v = v.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], v, mask=mask)
-        if COL_SUMS:
-            part = tl.sum(tl.where(mask, v.to(tl.float32), 0.0), axis=0)
-            tl.atomic_add(col_sum_ptr + e * N + cols, part, mask=cmask, sem="relaxed")
+        at = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        pre = tl.load(z_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        pre += tl.load(bias_ptr + e * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if GRAD:
+            v = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(pre)
+        else:
+            v = _gelu(pre)
+        _store_tile(out_ptr + at, v, mask, col_sum_ptr + e * N + cols, cmask, COL_SUMS)
 
 
 @triton.jit
@@ -489,38 +554,23 @@ def slot_combine_kernel(
 def slot_dot_kernel(
     dout_ptr,
     y_ptr,
-    inv_ptr,
-    ids_ptr,
-    bias_ptr,
     dg_ptr,
     R,
     D,
     TOP_K: tl.constexpr,
-    SORTED_Y: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     BR: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """dg[f] = <dout[f // k], y[row(f)] + bias[ids[f]]> over the D columns, fp32
-    accumulation; row(f) = inv[f] (SORTED_Y) or f; no bias without HAS_BIAS."""
+    """dg[f] = <dout[f // k], y[f]> over the D columns (y in flat order), fp32
+    accumulation."""
     f = tl.program_id(0) * BR + tl.arange(0, BR)
     fmask = f < R
     tok = (f // TOP_K).to(tl.int64)
-    yrow = f.to(tl.int64)
-    if SORTED_Y:
-        yrow = tl.load(inv_ptr + f, mask=fmask, other=0).to(tl.int64)
-    if HAS_BIAS:
-        e = tl.load(ids_ptr + f, mask=fmask, other=0).to(tl.int64)
     acc = tl.zeros((BR,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
         mask = fmask[:, None] & (cols < D)[None, :]
         g = tl.load(dout_ptr + tok[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        y = tl.load(y_ptr + yrow[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        y = y.to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + e[:, None] * D + cols[None, :], mask=mask, other=0.0).to(
-                tl.float32
-            )
-        acc += tl.sum(g.to(tl.float32) * y, axis=1)
+        y = tl.load(y_ptr + f.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(g.to(tl.float32) * y.to(tl.float32), axis=1)
     tl.store(dg_ptr + f, acc.to(dg_ptr.dtype.element_ty), mask=fmask)
