@@ -47,6 +47,7 @@ this path is used for CUDA tensors computed in bf16 (:func:`fused_usable`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -79,8 +80,14 @@ GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 TRAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
 WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
-_GATHER_CFG = dict(BM=64, BN=128, num_warps=4)
-_ROWS_TILE_CFG = dict(BM=64, BN=128, num_warps=4)
+_GATHER_CFG = dict(BM=32, BN=128, num_warps=2)
+_ROWS_TILE_CFG = dict(BM=16, BN=128, num_warps=2)
+#: Whether the backward of the mixed / grouped training products runs both weight
+#: gradients on a second CUDA stream, overlapping the hidden-layer GEMM, the input
+#: product and the slot sum on the current one (joined before it returns; no host
+#: synchronisation).
+BACKWARD_STREAMS = True
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 #: Matrix products of a bf16 training step (forward with autograd, and backward):
 #: ``'mixed'`` = the Triton grouped GEMM where an epilogue is fused into it (bias +
 #: GELU; gate scale + GELU' + bias gradient) and ``torch._grouped_mm`` (CUTLASS on sm90)
@@ -349,6 +356,30 @@ def _grouped_wgrad(a: Tensor, b: Tensor, sort: ExpertSort, dtype: torch.dtype) -
     return torch._grouped_mm(a.t(), b, offs=sort.offs[1:]).to(dtype)
 
 
+def _fork(fn: Callable[[], Tensor], uses: tuple[Tensor, ...], on_side: bool) -> Tensor:
+    """``fn()``, on a second CUDA stream when ``on_side`` (after the work queued so far
+    on the current stream; the caller joins with :func:`_join`). ``uses``: the
+    tensors fn reads, kept alive for the second stream."""
+    if not on_side:
+        return fn()
+    main = torch.cuda.current_stream()
+    side = _SIDE_STREAMS.setdefault(main.device, torch.cuda.Stream(main.device))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = fn()
+    for t in uses:
+        t.record_stream(side)
+    out.record_stream(main)
+    return out
+
+
+def _join(on_side: bool) -> None:
+    """Make the current stream wait for the work :func:`_fork` queued."""
+    if on_side:
+        main = torch.cuda.current_stream()
+        main.wait_stream(_SIDE_STREAMS[main.device])
+
+
 def _wgrad(
     a: Tensor,
     b: Tensor,
@@ -529,6 +560,8 @@ class _FusedExpertFFN(torch.autograd.Function):
         dgates = None
         if ctx.needs_input_grad[1]:
             dgates = torch.empty(m, k, dtype=g_dtype, device=dout.device)
+        # the weight gradients on a second stream (BACKWARD_STREAMS)
+        side = BACKWARD_STREAMS and products in ("mixed", "grouped") and dout.is_cuda and r > 0
         # dL/dpre = gate * (dout[token] @ w2[e]^T) * GELU'(pre), sorted rows
         if products in ("mixed", "grouped"):
             sums = torch.zeros(e * (d + hd), dtype=torch.float32, device=dout.device)
@@ -536,6 +569,7 @@ class _FusedExpertFFN(torch.autograd.Function):
             dot = (y, b2b, dgates) if dgates is not None else None
             # gate * dout rows in sorted order, the b2 gradient and the gate gradient
             gds = _gather(db16, sort, cd, scale=gb, col_sum=db2, dot=dot)
+            dw2 = _fork(lambda: _grouped_wgrad(h, gds, sort, w2_dtype), (h, gds, sort.offs), side)
             if products == "grouped":
                 dh = _grouped_mm(gds, w2b.transpose(1, 2), sort)
                 dpre = _bias_gelu(pre, b1b, sort, grad=dh, col_sum=db1)
@@ -545,8 +579,9 @@ class _FusedExpertFFN(torch.autograd.Function):
                     _gemm(gds, sort, w2b, True, dpre, gather_a=False, scatter_out=False,
                           pre=pre, gelu_grad=True, col_sum=db1,
                           tiles=TRAIN_GEMM_TILES)  # fmt: skip
-            dw2 = _grouped_wgrad(h, gds, sort, w2_dtype)
-            dw1 = _grouped_wgrad(x_, dpre, sort, w1_dtype)
+            dw1 = _fork(
+                lambda: _grouped_wgrad(x_, dpre, sort, w1_dtype), (x_, dpre, sort.offs), side
+            )
         else:
             if dgates is not None and r:
                 cfg = _ROWS_CFG
@@ -573,6 +608,7 @@ class _FusedExpertFFN(torch.autograd.Function):
                 if r:
                     _gemm(dpre, sort, w1b, True, dxs, gather_a=False, scatter_out=True)
                 dx = _combine(dxs, None, m, k, x_dtype)
+        _join(side)
         return (
             dx,
             dgates,
