@@ -292,11 +292,16 @@ def variant_table(p: Problem, reps: int) -> str:
     variants: list[tuple[str, str, dict[str, object]]] = [
         ("triton", "GEMM_TILES", {}),
         ("mixed", "defaults", {}),
-        ("mixed", "one stream", {"BACKWARD_STREAMS": False}),
-        ("mixed", "gather 64x128 w4", {"_GATHER_CFG": dict(BM=64, num_warps=4)}),
+        ("mixed", "one stream", {"TRAIN_STREAMS": False}),
+        ("mixed", "row products in Triton", {"ROW_PRODUCTS": "triton"}),
         ("grouped", "defaults", {}),
-        ("grouped", "one stream", {"BACKWARD_STREAMS": False}),
-        ("grouped", "rows 32x128 w4", {"_ROWS_TILE_CFG": dict(BM=32, num_warps=4)}),
+        ("grouped", "one stream", {"TRAIN_STREAMS": False}),
+        ("grouped", "row products in Triton", {"ROW_PRODUCTS": "triton"}),
+        (
+            "grouped",
+            "row products in Triton 64x128x64 w4 s4",
+            {"ROW_PRODUCTS": "triton", "PLAIN_GEMM_TILES": dict(BM=64, num_warps=4)},
+        ),
     ]
     names = {n for v in variants for n in v[2]} | {"TRAIN_MATMULS"}
     saved = {n: copy.deepcopy(getattr(fused, n)) for n in names}

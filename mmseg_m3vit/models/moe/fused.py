@@ -82,11 +82,18 @@ WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 _GATHER_CFG = dict(BM=32, BN=128, num_warps=2)
 _ROWS_TILE_CFG = dict(BM=16, BN=128, num_warps=2)
-#: Whether the backward of the mixed / grouped training products runs both weight
-#: gradients on a second CUDA stream, overlapping the hidden-layer GEMM, the input
-#: product and the slot sum on the current one (joined before it returns; no host
-#: synchronisation).
-BACKWARD_STREAMS = True
+#: Whether a training step with the mixed / grouped products overlaps work on a second
+#: CUDA stream: w2's bf16 cast in the forward; both weight gradients in the backward,
+#: beside the hidden-layer GEMM, the input product and the slot sum (torch's grouped
+#: GEMM runs a weight gradient on 96 of an H200's 132 SMs). Joined on the current
+#: stream with no host synchronisation.
+TRAIN_STREAMS = True
+#: The plain products over sorted rows of the mixed / grouped training step (``x @ w1``,
+#: ``h @ w2``, ``@ w2^T``, ``@ w1^T``): ``'cutlass'`` = ``torch._grouped_mm``,
+#: ``'triton'`` = the Triton grouped GEMM with :data:`PLAIN_GEMM_TILES`. The weight
+#: gradients always take ``torch._grouped_mm``.
+ROW_PRODUCTS = "cutlass"
+PLAIN_GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 #: Matrix products of a bf16 training step (forward with autograd, and backward):
 #: ``'mixed'`` = the Triton grouped GEMM where an epilogue is fused into it (bias +
@@ -338,10 +345,14 @@ def _train_products(cd: torch.dtype, device: torch.device) -> str:
 
 
 def _grouped_mm(a: Tensor, w: Tensor, sort: ExpertSort) -> Tensor:
-    """(R, N) = rows of expert e of ``a`` (R, K, sorted) @ ``w[e]`` (E, K, N), through
-    ``torch._grouped_mm``."""
+    """(R, N) = rows of expert e of ``a`` (R, K, sorted) @ ``w[e]`` (E, K, N, any
+    strides), through ``torch._grouped_mm`` or the Triton GEMM (:data:`ROW_PRODUCTS`)."""
     if a.shape[0] == 0:
         return a.new_empty(0, w.shape[2])
+    if ROW_PRODUCTS == "triton":
+        out = a.new_empty(a.shape[0], w.shape[2])
+        _gemm(a, sort, w, False, out, gather_a=False, scatter_out=False, tiles=PLAIN_GEMM_TILES)
+        return out
     return torch._grouped_mm(a, w, offs=sort.offs[1:])
 
 
@@ -493,7 +504,10 @@ def _forward(
     m, k = gates.shape
     r = m * k
     hd = w1.shape[2]
-    w1b, b1b, w2b, b2b = (t.to(cd).contiguous() for t in (w1, b1, w2, b2))
+    side = TRAIN_STREAMS and products in ("mixed", "grouped") and x.is_cuda and r > 0
+    # w2 is cast on a second stream while x's rows are gathered and multiplied
+    w2b = _fork(lambda: w2.to(cd).contiguous(), (w2,), side)
+    w1b, b1b, b2b = (t.to(cd).contiguous() for t in (w1, b1, b2))
     gb = gates.to(cd).contiguous()
     if products in ("mixed", "grouped"):
         xs = _gather(x, sort, cd)  # (R, D) sorted rows, converted on the way
@@ -506,6 +520,7 @@ def _forward(
             if r:
                 _gemm(xs, sort, w1b, False, h, gather_a=False, scatter_out=False, bias=b1b,
                       gelu=True, pre=pre, save_pre=save, tiles=TRAIN_GEMM_TILES)  # fmt: skip
+        _join(side)
         y = _grouped_mm(h, w2b, sort)  # (R, D) sorted, without b2
         out = _combine(y, gb, m, k, cd, sort=sort, bias=b2b)
         return out, ((xs, gb, w1b, b1b, w2b, b2b, pre, h, y) if save else ())
@@ -560,8 +575,8 @@ class _FusedExpertFFN(torch.autograd.Function):
         dgates = None
         if ctx.needs_input_grad[1]:
             dgates = torch.empty(m, k, dtype=g_dtype, device=dout.device)
-        # the weight gradients on a second stream (BACKWARD_STREAMS)
-        side = BACKWARD_STREAMS and products in ("mixed", "grouped") and dout.is_cuda and r > 0
+        # the weight gradients on a second stream (TRAIN_STREAMS)
+        side = TRAIN_STREAMS and products in ("mixed", "grouped") and dout.is_cuda and r > 0
         # dL/dpre = gate * (dout[token] @ w2[e]^T) * GELU'(pre), sorted rows
         if products in ("mixed", "grouped"):
             sums = torch.zeros(e * (d + hd), dtype=torch.float32, device=dout.device)
