@@ -82,11 +82,10 @@ WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 _GATHER_CFG = dict(BM=32, BN=128, num_warps=2)
 _ROWS_TILE_CFG = dict(BM=16, BN=128, num_warps=2)
-#: Whether a training step with the mixed / grouped products overlaps work on a second
-#: CUDA stream: w2's bf16 cast in the forward; both weight gradients in the backward,
-#: beside the hidden-layer GEMM, the input product and the slot sum (torch's grouped
-#: GEMM runs a weight gradient on 96 of an H200's 132 SMs). Joined on the current
-#: stream with no host synchronisation.
+#: Whether the backward of the mixed / grouped training products runs both weight
+#: gradients on a second CUDA stream, beside the hidden-layer GEMM, the input product
+#: and the slot sum on the current one (torch's grouped GEMM runs a weight gradient on
+#: 96 of an H200's 132 SMs). Joined on the current stream, with no host synchronisation.
 TRAIN_STREAMS = True
 #: The plain products over sorted rows of the mixed / grouped training step (``x @ w1``,
 #: ``h @ w2``, ``@ w2^T``, ``@ w1^T``): ``'cutlass'`` = ``torch._grouped_mm``,
@@ -367,21 +366,19 @@ def _grouped_wgrad(a: Tensor, b: Tensor, sort: ExpertSort, dtype: torch.dtype) -
     return torch._grouped_mm(a.t(), b, offs=sort.offs[1:]).to(dtype)
 
 
-def _fork(fn: Callable[[], Tensor], uses: tuple[Tensor, ...], on_side: bool) -> Tensor:
-    """``fn()``, on a second CUDA stream when ``on_side`` (after the work queued so far
-    on the current stream; the caller joins with :func:`_join`). ``uses``: the
-    tensors fn reads, kept alive for the second stream."""
+def _fork(fn: Callable[[], Tensor], on_side: bool) -> Tensor:
+    """``fn()``, on a second CUDA stream when ``on_side``, after the work queued so far
+    on the current stream. The caller must :func:`_join` before the tensors fn reads
+    or returns are freed or used on the current stream: then the caching allocator's
+    stream-ordered reuse stays safe without ``record_stream`` (whose deferred frees
+    grow the pool while the host runs ahead of the GPU)."""
     if not on_side:
         return fn()
     main = torch.cuda.current_stream()
     side = _SIDE_STREAMS.setdefault(main.device, torch.cuda.Stream(main.device))
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        out = fn()
-    for t in uses:
-        t.record_stream(side)
-    out.record_stream(main)
-    return out
+        return fn()
 
 
 def _join(on_side: bool) -> None:
@@ -504,10 +501,7 @@ def _forward(
     m, k = gates.shape
     r = m * k
     hd = w1.shape[2]
-    side = TRAIN_STREAMS and products in ("mixed", "grouped") and x.is_cuda and r > 0
-    # w2 is cast on a second stream while x's rows are gathered and multiplied
-    w2b = _fork(lambda: w2.to(cd).contiguous(), (w2,), side)
-    w1b, b1b, b2b = (t.to(cd).contiguous() for t in (w1, b1, b2))
+    w1b, b1b, w2b, b2b = (t.to(cd).contiguous() for t in (w1, b1, w2, b2))
     gb = gates.to(cd).contiguous()
     if products in ("mixed", "grouped"):
         xs = _gather(x, sort, cd)  # (R, D) sorted rows, converted on the way
@@ -520,7 +514,6 @@ def _forward(
             if r:
                 _gemm(xs, sort, w1b, False, h, gather_a=False, scatter_out=False, bias=b1b,
                       gelu=True, pre=pre, save_pre=save, tiles=TRAIN_GEMM_TILES)  # fmt: skip
-        _join(side)
         y = _grouped_mm(h, w2b, sort)  # (R, D) sorted, without b2
         out = _combine(y, gb, m, k, cd, sort=sort, bias=b2b)
         return out, ((xs, gb, w1b, b1b, w2b, b2b, pre, h, y) if save else ())
@@ -584,7 +577,7 @@ class _FusedExpertFFN(torch.autograd.Function):
             dot = (y, b2b, dgates) if dgates is not None else None
             # gate * dout rows in sorted order, the b2 gradient and the gate gradient
             gds = _gather(db16, sort, cd, scale=gb, col_sum=db2, dot=dot)
-            dw2 = _fork(lambda: _grouped_wgrad(h, gds, sort, w2_dtype), (h, gds, sort.offs), side)
+            dw2 = _fork(lambda: _grouped_wgrad(h, gds, sort, w2_dtype), side)
             if products == "grouped":
                 dh = _grouped_mm(gds, w2b.transpose(1, 2), sort)
                 dpre = _bias_gelu(pre, b1b, sort, grad=dh, col_sum=db1)
@@ -594,9 +587,7 @@ class _FusedExpertFFN(torch.autograd.Function):
                     _gemm(gds, sort, w2b, True, dpre, gather_a=False, scatter_out=False,
                           pre=pre, gelu_grad=True, col_sum=db1,
                           tiles=TRAIN_GEMM_TILES)  # fmt: skip
-            dw1 = _fork(
-                lambda: _grouped_wgrad(x_, dpre, sort, w1_dtype), (x_, dpre, sort.offs), side
-            )
+            dw1 = _fork(lambda: _grouped_wgrad(x_, dpre, sort, w1_dtype), side)
         else:
             if dgates is not None and r:
                 cfg = _ROWS_CFG
