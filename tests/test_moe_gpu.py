@@ -351,20 +351,32 @@ def test_fused_bf16_matches_float64_as_well_as_sorted_bf16(shape) -> None:
 
 @pytest.mark.gpu
 @requires_kernels
-@pytest.mark.parametrize("train_matmuls", ["mixed", "grouped", "triton"])
+@pytest.mark.parametrize(
+    "train_matmuls,row_products",
+    [
+        ("grouped", "triton"),
+        ("grouped", "cutlass"),
+        ("mixed", "triton"),
+        ("mixed", "cutlass"),
+        ("triton", "triton"),
+    ],
+)
 @pytest.mark.parametrize(
     "shape",
     [FUSED_CASES[1], FUSED_CASES[3], FUSED_CASES[4], (300, 64, 48, 8, 4, "empty")],
     ids=lambda c: f"{c[-1]}-m{c[0]}-k{c[4]}",
 )
-def test_fused_bf16_training_products_match_float64(shape, train_matmuls: str, monkeypatch) -> None:
-    """Each set of training products of the bf16 path (``'mixed'``: Triton GEMMs with
-    fused epilogues + ``torch._grouped_mm`` on rows gathered into sorted order;
-    ``'grouped'``: every product through ``torch._grouped_mm``, the hidden layer's
-    epilogues in separate passes; ``'triton'``: every product in the Triton kernels)
-    vs float64 and the sorted bf16
-    reference (:func:`_check_bf16_against_float64`); experts that get no token have
-    exactly zero weight and bias gradients."""
+def test_fused_bf16_training_products_match_float64(
+    shape, train_matmuls: str, row_products: str, monkeypatch
+) -> None:
+    """Each set of training products of the bf16 path on rows gathered into sorted
+    order (``'grouped'``: plain products, the hidden layer's epilogues in separate
+    passes; ``'mixed'``: those epilogues fused into Triton GEMMs; the plain row
+    products in Triton or ``torch._grouped_mm``; ``'triton'``: every product in the
+    Triton kernels) vs float64 and the sorted bf16 reference
+    (:func:`_check_bf16_against_float64`); experts that get no token have exactly
+    zero weight and bias gradients."""
+    monkeypatch.setattr(fused, "ROW_PRODUCTS", row_products)
     monkeypatch.setattr(fused, "TRAIN_MATMULS", train_matmuls)
     m, d, hd, e, k, case = shape
     p = _fused_problem(m, d, hd, e, k, case, seed=14, device=KERNEL_DEVICE)

@@ -23,24 +23,27 @@ gradient with the gate scale and GELU' in its epilogue, two weight-gradient kern
 their partial products with fp32 atomics), one grouped GEMM for the input rows and
 one slot sum.
 
-A bf16 training step takes the ``'mixed'`` products by default (:data:`TRAIN_MATMULS`):
-the two GEMMs with a fused epilogue stay Triton kernels (``+ b1``, GELU and the saved
-pre-activation; gate scale, GELU' and the ``b1`` gradient as column sums), reading
-rows that one gather kernel put in sorted order (x's rows, kept for the backward;
-gate-scaled ``dout`` rows with the ``b2`` gradient), and the four plain products run
-through ``torch._grouped_mm`` on sorted rows (``@ w2`` with ``b2`` added in the slot
-sum, ``@ w1^T``, both weight gradients, in bf16 as autocast's dense layers give them).
-It keeps x's rows in sorted order, k times the memory of x, until the backward.
-``'grouped'`` runs all six products through ``torch._grouped_mm`` and the hidden
-layer's epilogues as separate passes over the sorted rows (``+ b1`` and GELU; GELU'
-with the ``b1`` gradient), keeping ``x @ w1`` without ``b1`` for the backward. In both,
-the gate gradient is computed by the kernel that gathers the gate-scaled ``dout`` rows.
+A bf16 training step takes other products (:data:`TRAIN_MATMULS`). All of them work on
+rows that one gather kernel put in sorted order (x's rows, kept for the backward, k
+times the memory of x; gate-scaled ``dout`` rows with the ``b2`` gradient as column
+sums and the gate gradient as row dot products), add ``b2`` in the slot sum, and take
+both weight gradients from ``torch._grouped_mm`` (CUTLASS on sm90, bf16 results as
+autocast's dense layers give them) on a second CUDA stream (:data:`TRAIN_STREAMS`).
+
+- ``'grouped'`` (default): four plain grouped products over sorted rows (``@ w1``,
+  ``@ w2``, ``@ w2^T``, ``@ w1^T``; :data:`ROW_PRODUCTS`: the Triton GEMM or
+  ``torch._grouped_mm``) and the hidden layer's epilogues as passes over the sorted
+  rows (``+ b1`` and GELU; GELU' with the ``b1`` gradient as column sums). ``x @ w1``
+  without ``b1`` is kept for the backward.
+- ``'mixed'``: the two hidden-layer products are Triton GEMMs with those epilogues
+  fused (keeping the pre-activation), the other two as in ``'grouped'``.
+- ``'triton'``: the all-Triton backward above.
 
 Inference (:func:`fused_top_k`): the router's softmax, top-k and the sort's histogram
 run in one kernel before the same forward.
 Operands are bf16 with fp32 accumulation; weight gradients are written in fp32 (bf16
-in the ``'mixed'`` step), bias gradients in fp32, and both returned in the parameters'
-dtype. The kernels are in :mod:`.fused_kernels`;
+with the ``'grouped'`` and ``'mixed'`` products), bias gradients in fp32, and both
+returned in the parameters' dtype. The kernels are in :mod:`.fused_kernels`;
 this path is used for CUDA tensors computed in bf16 (:func:`fused_usable`).
 """
 
@@ -80,6 +83,8 @@ GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 TRAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
 WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
+# gather (with column sums) and hidden-layer row passes: the fastest of the tiles timed
+# alone on the H200 (benchmarks/RESULTS.md, "grouped training products")
 _GATHER_CFG = dict(BM=32, BN=128, num_warps=2)
 _ROWS_TILE_CFG = dict(BM=16, BN=128, num_warps=2)
 #: Whether the backward of the mixed / grouped training products runs both weight
@@ -87,23 +92,22 @@ _ROWS_TILE_CFG = dict(BM=16, BN=128, num_warps=2)
 #: and the slot sum on the current one (torch's grouped GEMM runs a weight gradient on
 #: 96 of an H200's 132 SMs). Joined on the current stream, with no host synchronisation.
 TRAIN_STREAMS = True
-#: The plain products over sorted rows of the mixed / grouped training step (``x @ w1``,
-#: ``h @ w2``, ``@ w2^T``, ``@ w1^T``): ``'cutlass'`` = ``torch._grouped_mm``,
-#: ``'triton'`` = the Triton grouped GEMM with :data:`PLAIN_GEMM_TILES`. The weight
-#: gradients always take ``torch._grouped_mm``.
-ROW_PRODUCTS = "cutlass"
-PLAIN_GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
+#: The plain products over sorted rows of the grouped / mixed training step (``x @ w1``,
+#: ``h @ w2``, ``@ w2^T``, ``@ w1^T``; the mixed step has only the last three):
+#: ``'triton'`` = the Triton grouped GEMM with :data:`PLAIN_GEMM_TILES`,
+#: ``'cutlass'`` = ``torch._grouped_mm`` (whose 128x256 tiles waste a quarter of the
+#: work at N = 384; fwd+bwd 0.457 vs 0.438 ms, ``benchmark_moe.py --variants``). The
+#: weight gradients always take ``torch._grouped_mm``.
+ROW_PRODUCTS = "triton"
+PLAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-#: Matrix products of a bf16 training step (forward with autograd, and backward):
-#: ``'mixed'`` = the Triton grouped GEMM where an epilogue is fused into it (bias +
-#: GELU; gate scale + GELU' + bias gradient) and ``torch._grouped_mm`` (CUTLASS on sm90)
-#: for the plain products on sorted rows (``@ w2``, ``@ w1^T`` and both weight
-#: gradients, bf16 results as autocast's dense layers give); ``'grouped'`` = all six
-#: products through ``torch._grouped_mm``, with the hidden layer's bias, GELU and GELU'
-#: in elementwise passes over the sorted rows; ``'triton'`` = every product in the
-#: Triton kernels (gathers on load, fp32 weight gradients). Float32 operands and
-#: inference always use the Triton kernels.
-TRAIN_MATMULS = "mixed"
+#: Matrix products of a bf16 training step (forward with autograd, and backward; see
+#: the module docstring): ``'grouped'`` = plain grouped products with the hidden
+#: layer's bias, GELU and GELU' in passes over the sorted rows; ``'mixed'`` = those
+#: epilogues fused into two Triton GEMMs; ``'triton'`` = every product in the Triton
+#: kernels (gathers on load, fp32 weight gradients). Float32 operands and inference
+#: always use the Triton kernels.
+TRAIN_MATMULS = "grouped"
 TRAIN_MATMULS_CHOICES = ("mixed", "grouped", "triton")
 _SORT_BLOCK_ELEMS = 8192  # BLOCK x E_P2 one-hot elements per sort program
 

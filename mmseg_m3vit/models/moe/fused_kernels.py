@@ -44,8 +44,9 @@ import triton.language as tl
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-#: Triton's CPU interpreter (``TRITON_INTERPRET=1``) multiplies bf16 tiles wrongly
-#: (triton 3.6); there the operands are widened to fp32 before ``tl.dot``.
+#: Triton's CPU interpreter (``TRITON_INTERPRET=1``, triton 3.6) multiplies bf16 tiles
+#: wrongly and truncates fp32 -> bf16 conversions; there the operands are widened to
+#: fp32 before ``tl.dot`` and stores round to nearest even explicitly (:func:`_round`).
 _WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
@@ -58,6 +59,18 @@ def _dot(a, b, acc):
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _round(v, ty: tl.constexpr):
+    """fp32 v converted to ty, rounding to nearest even (as the GPU converts) also in
+    the interpreter, whose bf16 conversion truncates."""
+    if _WIDEN_DOT:
+        if ty == tl.bfloat16:
+            b = v.to(tl.int32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+            v = b.to(tl.float32, bitcast=True)
+    return v.to(ty)
 
 
 @triton.jit
@@ -78,7 +91,7 @@ def _store_tile(out_ptrs, v, mask, col_sum_ptrs, cmask, COL_SUMS: tl.constexpr):
     """Store the (BM, BN) tile v rounded to the output's dtype; with COL_SUMS add the
     column sums of the rounded values to ``col_sum_ptrs`` (BN,) with fp32 atomics
     (the last bits depend on the order of the additions)."""
-    v = v.to(out_ptrs.dtype.element_ty)
+    v = _round(v, out_ptrs.dtype.element_ty)
     tl.store(out_ptrs, v, mask=mask)
     if COL_SUMS:
         part = tl.sum(tl.where(mask, v.to(tl.float32), 0.0), axis=0)
@@ -238,7 +251,7 @@ def expert_gemm_kernel(
         acc += bias.to(tl.float32)[None, :]
     pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     if SAVE_PRE:
-        tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=omask)
+        tl.store(pre_ptrs, _round(acc, pre_ptr.dtype.element_ty), mask=omask)
     if GELU:
         acc = _gelu(acc)
     if SCALE_ROWS:
@@ -311,7 +324,7 @@ def gather_rows_kernel(
                 v = v * scale
             _store_tile(out_ptr + sorted_at, v, mask, col_sum_ptr + e * N + cols, cmask, COL_SUMS)
         if DOT:
-            tl.store(dot_ptr + flat, dot.to(dot_ptr.dtype.element_ty), mask=rmask)
+            tl.store(dot_ptr + flat, _round(dot, dot_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
@@ -434,7 +447,7 @@ def expert_wgrad_kernel(
         )
         if SCALE_B:
             scale = tl.load(scale_ptr + flat, mask=rmask, other=0.0).to(tl.float32)
-            b = (b.to(tl.float32) * scale[:, None]).to(b_ptr.dtype.element_ty)
+            b = _round(b.to(tl.float32) * scale[:, None], b_ptr.dtype.element_ty)
         acc = _dot(tl.trans(a.to(b.dtype)), b, acc)
         if HAS_DB:
             db += tl.sum(b.to(tl.float32), axis=0)
@@ -446,10 +459,10 @@ def expert_wgrad_kernel(
             if pid_m == 0:
                 tl.atomic_add(db_ptr + e * N1 + cn, db, mask=nmask, sem="relaxed")
     else:
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dw_ptrs, _round(acc, dw_ptr.dtype.element_ty), mask=wmask)
         if HAS_DB:
             if pid_m == 0:
-                tl.store(db_ptr + e * N1 + cn, db.to(db_ptr.dtype.element_ty), mask=nmask)
+                tl.store(db_ptr + e * N1 + cn, _round(db, db_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
@@ -487,7 +500,7 @@ def top_k_gate_kernel(
     mx = tl.max(x, axis=1)
     ex = tl.exp(x - mx[:, None])
     p = ex / tl.sum(ex, axis=1)[:, None]
-    p = p.to(gates_ptr.dtype.element_ty).to(tl.float32)
+    p = _round(p, gates_ptr.dtype.element_ty).to(tl.float32)
     p = tl.where(cmask[None, :], p, -1.0)
     counts = tl.zeros([E_P2], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
@@ -495,7 +508,7 @@ def top_k_gate_kernel(
         idx = tl.min(tl.where(p == best[:, None], cols[None, :], E_P2), axis=1)
         f = rows.to(tl.int64) * TOP_K + j
         tl.store(ids_ptr + f, idx.to(tl.int64), mask=rmask)
-        tl.store(gates_ptr + f, best.to(gates_ptr.dtype.element_ty), mask=rmask)
+        tl.store(gates_ptr + f, _round(best, gates_ptr.dtype.element_ty), mask=rmask)
         hit = cols[None, :] == idx[:, None]
         p = tl.where(hit, -1.0, p)
         if HIST:
@@ -547,7 +560,7 @@ def slot_combine_kernel(
             y = y * g[:, None]
         acc += y
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, _round(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -573,4 +586,4 @@ def slot_dot_kernel(
         g = tl.load(dout_ptr + tok[:, None] * D + cols[None, :], mask=mask, other=0.0)
         y = tl.load(y_ptr + f.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(g.to(tl.float32) * y.to(tl.float32), axis=1)
-    tl.store(dg_ptr + f, acc.to(dg_ptr.dtype.element_ty), mask=fmask)
+    tl.store(dg_ptr + f, _round(acc, dg_ptr.dtype.element_ty), mask=fmask)
