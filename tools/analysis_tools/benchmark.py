@@ -43,16 +43,27 @@ def bench(
     """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs.
 
     CUDA: events around each run. With ``hide_launch`` the stream is first held busy by a
-    ~2 ms spin kernel (``torch.cuda._sleep``) so that the host queues ``fn``'s kernels
-    ahead of the GPU: the result is then GPU time, without host launch overhead (host
+    spin kernel (``torch.cuda._sleep``) of at least 2 ms and twice the eager wall time
+    of the last warm-up run, so that the host queues all of ``fn``'s kernels ahead of
+    the GPU: the result is then GPU time, without host launch overhead (host
     synchronisations inside ``fn`` still count). Without it, runs are separated by a
     synchronisation and the time includes the host's launch overhead (eager wall time).
     """
-    for _ in range(warmup):
+    for _ in range(max(warmup - 1, 0)):
         fn()
+    wall_ms = 0.0
+    if warmup:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
     times = []
     if device == "cuda":
-        spin_cycles = 4_000_000 if hide_launch else 0  # ~2 ms at the H200's 1.98 GHz
+        # ~1.98e6 spin cycles per ms at the H200's clock
+        spin_cycles = int(max(2.0, 2 * wall_ms) * 1.98e6) if hide_launch else 0
         torch.cuda.synchronize()
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
