@@ -96,10 +96,10 @@ TRAIN_STREAMS = True
 #: ``h @ w2``, ``@ w2^T``, ``@ w1^T``; the mixed step has only the last three):
 #: ``'triton'`` = the Triton grouped GEMM with :data:`PLAIN_GEMM_TILES`,
 #: ``'cutlass'`` = ``torch._grouped_mm`` (whose 128x256 tiles waste a quarter of the
-#: work at N = 384; fwd+bwd 0.457 vs 0.438 ms, ``benchmark_moe.py --variants``). The
+#: work at N = 384; fwd+bwd 0.454 vs 0.422 ms, ``benchmark_moe.py --variants``). The
 #: weight gradients always take ``torch._grouped_mm``.
 ROW_PRODUCTS = "triton"
-PLAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
+PLAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 #: Matrix products of a bf16 training step (forward with autograd, and backward; see
 #: the module docstring): ``'grouped'`` = plain grouped products with the hidden
