@@ -354,8 +354,8 @@ def test_fused_bf16_matches_float64_as_well_as_sorted_bf16(shape) -> None:
 @pytest.mark.parametrize(
     "train_matmuls,row_products",
     [
-        ("grouped", "triton"),
-        ("grouped", "cutlass"),
+        ("split", "triton"),
+        ("split", "cutlass"),
         ("mixed", "triton"),
         ("mixed", "cutlass"),
         ("triton", "triton"),
@@ -370,7 +370,7 @@ def test_fused_bf16_training_products_match_float64(
     shape, train_matmuls: str, row_products: str, monkeypatch
 ) -> None:
     """Each set of training products of the bf16 path on rows gathered into sorted
-    order (``'grouped'``: plain products, the hidden layer's epilogues in separate
+    order (``'split'``: plain products, the hidden layer's epilogues in separate
     passes; ``'mixed'``: those epilogues fused into Triton GEMMs; the plain row
     products in Triton or ``torch._grouped_mm``; ``'triton'``: every product in the
     Triton kernels) vs float64 and the sorted bf16 reference
@@ -388,13 +388,13 @@ def test_fused_bf16_training_products_match_float64(
 
 @pytest.mark.gpu
 @requires_kernels
-@pytest.mark.parametrize("train_matmuls", ["triton", "mixed", "grouped"])
+@pytest.mark.parametrize("train_matmuls", ["triton", "mixed", "split"])
 def test_fused_inference_equals_training_forward_and_writes_every_row(
     train_matmuls: str, monkeypatch
 ) -> None:
     """No-grad forward (no saved pre-activations) == the autograd forward: bit for bit
-    when training takes the same Triton products; with the ``'mixed'`` and
-    ``'grouped'`` training products (``@ w2`` through ``torch._grouped_mm``, ``b2``
+    when training takes the same Triton products; with the ``'split'`` and
+    ``'mixed'`` training products (``@ w2`` through ``torch._grouped_mm``, ``b2``
     added in fp32 in the slot sum) within two bf16 roundings. Outputs are written over
     NaN-poisoned memory."""
     monkeypatch.setattr(fused, "TRAIN_MATMULS", train_matmuls)

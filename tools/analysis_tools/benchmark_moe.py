@@ -19,9 +19,8 @@ router logits), printed as markdown tables:
     and the grouped path, and the two grouped GEMMs + GELU alone on pre-sorted rows
     (a floor).
 ``--tile-sweep`` / ``--variants``: the fused layer's GEMM tile shapes / its training
-products (all Triton, mixed, or all through ``torch._grouped_mm``; see
-``fused.TRAIN_MATMULS``) and tiles at the training shape. ``--train-matmuls`` sets
-the training products of every table.
+products (split, mixed or all Triton; see ``fused.TRAIN_MATMULS``) and tiles at the
+training shape. ``--train-matmuls`` sets the training products of every table.
 
 ``--expert-parallel`` (under torchrun, 2+ GPUs): one MoE layer at the task-batched
 training shape with experts replicated (grouped dispatch + the expert-gradient
@@ -176,7 +175,7 @@ def profile_tables(p: Problem, reps: int = 20) -> str:
 
     text = []
     saved = fused.TRAIN_MATMULS
-    cases = [("dense MLP", None), ("fused, mixed", "mixed"), ("fused, grouped", "grouped")]
+    cases = [("dense MLP", None), ("fused, mixed", "mixed"), ("fused, split", "split")]
     for name, products in [*cases, ("grouped", None)]:
         if products is not None:
             fused.TRAIN_MATMULS = products
@@ -293,12 +292,12 @@ def variant_table(p: Problem, reps: int) -> str:
         ("triton", "GEMM_TILES", {}),
         ("mixed", "defaults", {}),
         ("mixed", "row products in torch._grouped_mm", {"ROW_PRODUCTS": "cutlass"}),
-        ("grouped", "defaults", {}),
-        ("grouped", "one stream", {"TRAIN_STREAMS": False}),
-        ("grouped", "row products in torch._grouped_mm", {"ROW_PRODUCTS": "cutlass"}),
-        ("grouped", "row GEMM 128x128x64 w8 s4", {"PLAIN_GEMM_TILES": dict(BM=128, num_warps=8)}),
-        ("grouped", "row GEMM 128x64x64 w4 s4", {"PLAIN_GEMM_TILES": dict(BM=128, BN=64)}),
-        ("grouped", "row GEMM 64x128x64 w4 s4", {"PLAIN_GEMM_TILES": dict(num_stages=4)}),
+        ("split", "defaults", {}),
+        ("split", "one stream", {"TRAIN_STREAMS": False}),
+        ("split", "row products in torch._grouped_mm", {"ROW_PRODUCTS": "cutlass"}),
+        ("split", "row GEMM 128x128x64 w8 s4", {"PLAIN_GEMM_TILES": dict(BM=128, num_warps=8)}),
+        ("split", "row GEMM 128x64x64 w4 s4", {"PLAIN_GEMM_TILES": dict(BM=128, BN=64)}),
+        ("split", "row GEMM 64x128x64 w4 s4", {"PLAIN_GEMM_TILES": dict(num_stages=4)}),
     ]
     names = {n for v in variants for n in v[2]} | {"TRAIN_MATMULS"}
     saved = {n: copy.deepcopy(getattr(fused, n)) for n in names}
@@ -535,7 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--train-matmuls",
         default=None,
-        choices=["mixed", "grouped", "triton"],
+        choices=["split", "mixed", "triton"],
         help="fused.TRAIN_MATMULS for every table (default: the module's)",
     )
     p.add_argument("--infer-batches", default="1,8,64", help="(a') images, comma-separated")

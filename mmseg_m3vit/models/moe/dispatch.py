@@ -3,8 +3,9 @@
 All implementations compute the same function (contract in :mod:`.reference`):
 
 - ``'fused'``: Triton kernels that gather, multiply and combine in one pass each
-  (:mod:`.fused`; a bf16 training step runs its epilogue-free products through
-  ``torch._grouped_mm``); CUDA, bf16 compute;
+  (:mod:`.fused`; a bf16 training step runs plain products over sorted rows with the
+  epilogues as row passes, weight gradients through ``torch._grouped_mm``); CUDA,
+  bf16 compute;
 - ``'grouped'``: ``torch._grouped_mm`` with gathers and combine around it
   (:mod:`.grouped`); CUDA, bf16 compute;
 - ``'sorted'``: the portable reference (:func:`.reference.sorted_dispatch`);

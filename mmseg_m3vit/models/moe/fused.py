@@ -30,19 +30,19 @@ sums and the gate gradient as row dot products), add ``b2`` in the slot sum, and
 both weight gradients from ``torch._grouped_mm`` (CUTLASS on sm90, bf16 results as
 autocast's dense layers give them) on a second CUDA stream (:data:`TRAIN_STREAMS`).
 
-- ``'grouped'`` (default): four plain grouped products over sorted rows (``@ w1``,
+- ``'split'`` (default): four plain grouped products over sorted rows (``@ w1``,
   ``@ w2``, ``@ w2^T``, ``@ w1^T``; :data:`ROW_PRODUCTS`: the Triton GEMM or
   ``torch._grouped_mm``) and the hidden layer's epilogues as passes over the sorted
   rows (``+ b1`` and GELU; GELU' with the ``b1`` gradient as column sums). ``x @ w1``
   without ``b1`` is kept for the backward.
 - ``'mixed'``: the two hidden-layer products are Triton GEMMs with those epilogues
-  fused (keeping the pre-activation), the other two as in ``'grouped'``.
+  fused (keeping the pre-activation), the other two as in ``'split'``.
 - ``'triton'``: the all-Triton backward above.
 
 Inference (:func:`fused_top_k`): the router's softmax, top-k and the sort's histogram
 run in one kernel before the same forward.
 Operands are bf16 with fp32 accumulation; weight gradients are written in fp32 (bf16
-with the ``'grouped'`` and ``'mixed'`` products), bias gradients in fp32, and both
+with the ``'split'`` and ``'mixed'`` products), bias gradients in fp32, and both
 returned in the parameters' dtype. The kernels are in :mod:`.fused_kernels`;
 this path is used for CUDA tensors computed in bf16 (:func:`fused_usable`).
 """
@@ -87,12 +87,12 @@ _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 # alone on the H200 (benchmarks/RESULTS.md, "grouped training products")
 _GATHER_CFG = dict(BM=32, BN=128, num_warps=2)
 _ROWS_TILE_CFG = dict(BM=16, BN=128, num_warps=2)
-#: Whether the backward of the mixed / grouped training products runs both weight
+#: Whether the backward of the split / mixed training products runs both weight
 #: gradients on a second CUDA stream, beside the hidden-layer GEMM, the input product
 #: and the slot sum on the current one (torch's grouped GEMM runs a weight gradient on
 #: 96 of an H200's 132 SMs). Joined on the current stream, with no host synchronisation.
 TRAIN_STREAMS = True
-#: The plain products over sorted rows of the grouped / mixed training step (``x @ w1``,
+#: The plain products over sorted rows of the split / mixed training step (``x @ w1``,
 #: ``h @ w2``, ``@ w2^T``, ``@ w1^T``; the mixed step has only the last three):
 #: ``'triton'`` = the Triton grouped GEMM with :data:`PLAIN_GEMM_TILES`,
 #: ``'cutlass'`` = ``torch._grouped_mm`` (whose 128x256 tiles waste a quarter of the
@@ -102,13 +102,13 @@ ROW_PRODUCTS = "triton"
 PLAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 #: Matrix products of a bf16 training step (forward with autograd, and backward; see
-#: the module docstring): ``'grouped'`` = plain grouped products with the hidden
+#: the module docstring): ``'split'`` = plain grouped products with the hidden
 #: layer's bias, GELU and GELU' in passes over the sorted rows; ``'mixed'`` = those
 #: epilogues fused into two Triton GEMMs; ``'triton'`` = every product in the Triton
 #: kernels (gathers on load, fp32 weight gradients). Float32 operands and inference
 #: always use the Triton kernels.
-TRAIN_MATMULS = "grouped"
-TRAIN_MATMULS_CHOICES = ("mixed", "grouped", "triton")
+TRAIN_MATMULS = "split"
+TRAIN_MATMULS_CHOICES = ("split", "mixed", "triton")
 _SORT_BLOCK_ELEMS = 8192  # BLOCK x E_P2 one-hot elements per sort program
 
 
@@ -494,10 +494,10 @@ def _forward(
     """Fused forward with operands in ``cd``; returns (out (M, D) in ``cd``, the tensors
     the backward needs when ``save``).
 
-    ``products`` (:data:`TRAIN_MATMULS`): with ``'mixed'`` and ``'grouped'`` x's rows
+    ``products`` (:data:`TRAIN_MATMULS`): with ``'split'`` and ``'mixed'`` x's rows
     are gathered into sorted order once (kept for the weight gradient), and ``h @ w2``
     runs through ``torch._grouped_mm`` on sorted rows with ``b2`` added in the slot
-    sum; ``'grouped'`` also multiplies ``@ w1`` there and applies ``+ b1`` and GELU in
+    sum; ``'split'`` also multiplies ``@ w1`` there and applies ``+ b1`` and GELU in
     a separate pass (keeping ``x @ w1`` instead of the pre-activation). With
     ``'triton'`` the first GEMM gathers x's rows on load and the second adds ``b2``
     and writes rows in flat order.
@@ -507,9 +507,9 @@ def _forward(
     hd = w1.shape[2]
     w1b, b1b, w2b, b2b = (t.to(cd).contiguous() for t in (w1, b1, w2, b2))
     gb = gates.to(cd).contiguous()
-    if products in ("mixed", "grouped"):
+    if products in ("split", "mixed"):
         xs = _gather(x, sort, cd)  # (R, D) sorted rows, converted on the way
-        if products == "grouped":
+        if products == "split":
             pre = _grouped_mm(xs, w1b, sort)  # x @ w1 without b1
             h = _bias_gelu(pre, b1b, sort)
         else:
@@ -557,9 +557,9 @@ class _FusedExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        # x_: x (M, D), or its rows in sorted order (R, D) with the mixed / grouped
+        # x_: x (M, D), or its rows in sorted order (R, D) with the split / mixed
         # products; y likewise in flat order with b2, or sorted without; pre: the
-        # pre-activation, or x @ w1 without b1 with the grouped products
+        # pre-activation, or x @ w1 without b1 with the split products
         x_, gb, w1b, b1b, w2b, b2b, pre, h, y = ctx.saved_tensors
         sort: ExpertSort = ctx.sort
         products = ctx.products
@@ -573,16 +573,16 @@ class _FusedExpertFFN(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dgates = torch.empty(m, k, dtype=g_dtype, device=dout.device)
         # the weight gradients on a second stream (TRAIN_STREAMS)
-        side = TRAIN_STREAMS and products in ("mixed", "grouped") and dout.is_cuda and r > 0
+        side = TRAIN_STREAMS and products in ("split", "mixed") and dout.is_cuda and r > 0
         # dL/dpre = gate * (dout[token] @ w2[e]^T) * GELU'(pre), sorted rows
-        if products in ("mixed", "grouped"):
+        if products in ("split", "mixed"):
             sums = torch.zeros(e * (d + hd), dtype=torch.float32, device=dout.device)
             db2, db1 = sums[: e * d].view(e, d), sums[e * d :].view(e, hd)
             dot = (y, b2b, dgates) if dgates is not None else None
             # gate * dout rows in sorted order, the b2 gradient and the gate gradient
             gds = _gather(db16, sort, cd, scale=gb, col_sum=db2, dot=dot)
             dw2 = _fork(lambda: _grouped_wgrad(h, gds, sort, w2_dtype), side)
-            if products == "grouped":
+            if products == "split":
                 dh = _grouped_mm(gds, w2b.transpose(1, 2), sort)
                 dpre = _bias_gelu(pre, b1b, sort, grad=dh, col_sum=db1)
             else:
@@ -610,7 +610,7 @@ class _FusedExpertFFN(torch.autograd.Function):
             )
         dx = None
         if ctx.needs_input_grad[0]:
-            if products in ("mixed", "grouped"):
+            if products in ("split", "mixed"):
                 dxs = _grouped_mm(dpre, w1b.transpose(1, 2), sort)  # sorted rows
                 dx = _combine(dxs, None, m, k, x_dtype, sort=sort)
             else:
