@@ -84,7 +84,7 @@ TRAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)
 WGRAD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=3, SPLIT=512)
 _ROWS_CFG = dict(BR=16, BD=128, num_warps=4)
 # gather (with column sums) and hidden-layer row passes: the fastest of the tiles timed
-# alone on the H200 (benchmarks/RESULTS.md, "grouped training products")
+# alone on the H200 (benchmarks/RESULTS.md, "Split training products")
 _GATHER_CFG = dict(BM=32, BN=128, num_warps=2)
 _ROWS_TILE_CFG = dict(BM=16, BN=128, num_warps=2)
 #: Whether the backward of the split / mixed training products runs both weight
