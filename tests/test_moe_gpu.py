@@ -388,6 +388,48 @@ def test_fused_bf16_training_products_match_float64(
 
 @pytest.mark.gpu
 @requires_kernels
+def test_gather_rounds_to_nearest_even_and_sums_columns_and_gate_dots() -> None:
+    """The sorted-order gather of fp32 rows (gate-scaled) into bf16 equals torch's
+    round-to-nearest-even conversion of the same fp32 products bit for bit (on the GPU
+    and in Triton's interpreter, whose own conversion truncates); its per-expert column
+    sums and gate-gradient dots match float64 sums of a naive loop. One expert gets no
+    row; 37 tokens leave partial tiles."""
+    g = torch.Generator().manual_seed(21)
+    m, d, e, k = 37, 160, 5, 2
+    ids = torch.randint(0, e - 1, (m, k), generator=g)  # expert e - 1 stays empty
+    src = torch.randn(m, d, generator=g) * 3
+    scale = torch.rand(m, k, generator=g) + 0.5
+    y = torch.randn(m * k, d, generator=g).bfloat16()
+    bias = torch.randn(e, d, generator=g).bfloat16()
+    dev = KERNEL_DEVICE
+    sort = ExpertSort(ids.to(dev), e)
+    col = torch.zeros(e, d, dtype=torch.float32, device=dev)
+    dots = torch.empty(m, k, dtype=torch.float32, device=dev)
+    out = fused._gather(
+        src.to(dev),
+        sort,
+        torch.bfloat16,
+        scale=scale.to(dev),
+        col_sum=col,
+        dot=(y.to(dev), bias.to(dev), dots),
+    ).cpu()
+    order = sort.order.cpu().long()
+    tok, flat_scale = order // k, scale.reshape(-1)[order]
+    want = (src[tok] * flat_scale[:, None]).bfloat16()
+    assert torch.equal(out, want)
+    expert = ids.reshape(-1)[order]
+    for ex in range(e):
+        rows = want[expert == ex].double()
+        torch.testing.assert_close(col[ex].cpu().double(), rows.sum(0), rtol=1e-5, atol=1e-4)
+    # dots[flat] = <src[token], y[sorted position] + bias[expert]>, unscaled
+    ref = torch.empty(m * k, dtype=torch.float64)
+    for r, f in enumerate(order.tolist()):
+        ref[f] = src[f // k].double() @ (y[r].double() + bias[expert[r]].double())
+    torch.testing.assert_close(dots.cpu().reshape(-1).double(), ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.gpu
+@requires_kernels
 @pytest.mark.parametrize("train_matmuls", ["triton", "mixed", "split"])
 def test_fused_inference_equals_training_forward_and_writes_every_row(
     train_matmuls: str, monkeypatch

@@ -69,7 +69,7 @@ def _round(v, ty: tl.constexpr):
         if ty == tl.bfloat16:
             b = v.to(tl.int32, bitcast=True)
             b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-            v = b.to(tl.float32, bitcast=True)
+            v = tl.where(v != v, v, b.to(tl.float32, bitcast=True))  # NaN stays NaN
     return v.to(ty)
 
 
