@@ -388,6 +388,24 @@ def test_fused_bf16_training_products_match_float64(
 
 @pytest.mark.gpu
 @requires_kernels
+@pytest.mark.parametrize(
+    "name,value", [("TRAIN_MATMULS", "grouped"), ("ROW_PRODUCTS", "cuBLAS")], ids=str
+)
+def test_fused_training_setting_typo_names_setting_and_choices(
+    name: str, value: str, monkeypatch
+) -> None:
+    """A misspelt training-products setting fails naming the setting, the value and
+    the choices, instead of silently taking another path."""
+    monkeypatch.setattr(fused, name, value)
+    p = _fused_problem(9, 16, 16, 4, 2, "random", seed=3, device=KERNEL_DEVICE)
+    leaves = {n: t.float().requires_grad_(True) if n in GRAD_NAMES else t for n, t in p.items()}
+    with pytest.raises(ValueError, match=f"fused.{name} = '{value}'; expected"):
+        with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+            fused_dispatch(**leaves)
+
+
+@pytest.mark.gpu
+@requires_kernels
 def test_gather_rounds_to_nearest_even_and_sums_columns_and_gate_dots() -> None:
     """The sorted-order gather of fp32 rows (gate-scaled) into bf16 equals torch's
     round-to-nearest-even conversion of the same fp32 products bit for bit (on the GPU

@@ -338,6 +338,8 @@ def _train_products(cd: torch.dtype, device: torch.device) -> str:
         raise ValueError(
             f"fused.TRAIN_MATMULS = {TRAIN_MATMULS!r}; expected one of {TRAIN_MATMULS_CHOICES}"
         )
+    if ROW_PRODUCTS not in ("triton", "cutlass"):
+        raise ValueError(f"fused.ROW_PRODUCTS = {ROW_PRODUCTS!r}; expected 'triton' or 'cutlass'")
     if (
         cd == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
@@ -347,7 +349,7 @@ def _train_products(cd: torch.dtype, device: torch.device) -> str:
     return "triton"
 
 
-def _grouped_mm(a: Tensor, w: Tensor, sort: ExpertSort) -> Tensor:
+def _row_product(a: Tensor, w: Tensor, sort: ExpertSort) -> Tensor:
     """(R, N) = rows of expert e of ``a`` (R, K, sorted) @ ``w[e]`` (E, K, N, any
     strides), through ``torch._grouped_mm`` or the Triton GEMM (:data:`ROW_PRODUCTS`)."""
     if a.shape[0] == 0:
@@ -496,11 +498,11 @@ def _forward(
 
     ``products`` (:data:`TRAIN_MATMULS`): with ``'split'`` and ``'mixed'`` x's rows
     are gathered into sorted order once (kept for the weight gradient), and ``h @ w2``
-    runs through ``torch._grouped_mm`` on sorted rows with ``b2`` added in the slot
-    sum; ``'split'`` also multiplies ``@ w1`` there and applies ``+ b1`` and GELU in
-    a separate pass (keeping ``x @ w1`` instead of the pre-activation). With
-    ``'triton'`` the first GEMM gathers x's rows on load and the second adds ``b2``
-    and writes rows in flat order.
+    is a plain product over sorted rows (:func:`_row_product`) with ``b2`` added in
+    the slot sum; ``'split'`` also multiplies ``@ w1`` that way and applies ``+ b1``
+    and GELU in a separate pass (keeping ``x @ w1`` instead of the pre-activation).
+    With ``'triton'`` the first GEMM gathers x's rows on load and the second adds
+    ``b2`` and writes rows in flat order.
     """
     m, k = gates.shape
     r = m * k
@@ -510,7 +512,7 @@ def _forward(
     if products in ("split", "mixed"):
         xs = _gather(x, sort, cd)  # (R, D) sorted rows, converted on the way
         if products == "split":
-            pre = _grouped_mm(xs, w1b, sort)  # x @ w1 without b1
+            pre = _row_product(xs, w1b, sort)  # x @ w1 without b1
             h = _bias_gelu(pre, b1b, sort)
         else:
             h = torch.empty(r, hd, dtype=cd, device=x.device)
@@ -518,7 +520,7 @@ def _forward(
             if r:
                 _gemm(xs, sort, w1b, False, h, gather_a=False, scatter_out=False, bias=b1b,
                       gelu=True, pre=pre, save_pre=save, tiles=TRAIN_GEMM_TILES)  # fmt: skip
-        y = _grouped_mm(h, w2b, sort)  # (R, D) sorted, without b2
+        y = _row_product(h, w2b, sort)  # (R, D) sorted, without b2
         out = _combine(y, gb, m, k, cd, sort=sort, bias=b2b)
         return out, ((xs, gb, w1b, b1b, w2b, b2b, pre, h, y) if save else ())
     h = torch.empty(r, hd, dtype=cd, device=x.device)
@@ -583,7 +585,7 @@ class _FusedExpertFFN(torch.autograd.Function):
             gds = _gather(db16, sort, cd, scale=gb, col_sum=db2, dot=dot)
             dw2 = _fork(lambda: _grouped_wgrad(h, gds, sort, w2_dtype), side)
             if products == "split":
-                dh = _grouped_mm(gds, w2b.transpose(1, 2), sort)
+                dh = _row_product(gds, w2b.transpose(1, 2), sort)
                 dpre = _bias_gelu(pre, b1b, sort, grad=dh, col_sum=db1)
             else:
                 dpre = torch.empty(r, hd, dtype=cd, device=dout.device)
@@ -611,7 +613,7 @@ class _FusedExpertFFN(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             if products in ("split", "mixed"):
-                dxs = _grouped_mm(dpre, w1b.transpose(1, 2), sort)  # sorted rows
+                dxs = _row_product(dpre, w1b.transpose(1, 2), sort)  # sorted rows
                 dx = _combine(dxs, None, m, k, x_dtype, sort=sort)
             else:
                 dxs = torch.empty(r, d, dtype=cd, device=dout.device)
