@@ -381,7 +381,9 @@ def _fork(fn: Callable[[], Tensor], on_side: bool) -> Tensor:
     if not on_side:
         return fn()
     main = torch.cuda.current_stream()
-    side = _SIDE_STREAMS.setdefault(main.device, torch.cuda.Stream(main.device))
+    side = _SIDE_STREAMS.get(main.device)
+    if side is None:  # one per device, made on first use
+        side = _SIDE_STREAMS[main.device] = torch.cuda.Stream(main.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
         return fn()
