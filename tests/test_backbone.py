@@ -293,6 +293,33 @@ def test_forward_tasks_equals_sequential_passes(router: str) -> None:
     assert torch.allclose(batched.balance_loss, expected_bal, atol=1e-5)
 
 
+def test_forward_tasks_shares_everything_before_the_first_router() -> None:
+    model = _small().train()
+    first = model.blocks[model.first_moe_layer]
+    batches: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module, args, out) -> None:
+            batches.setdefault(name, args[0].shape[0])
+
+        return hook
+
+    for name in ("attn", "norm2", "moe"):
+        getattr(first, name).register_forward_hook(record(name))
+    model.forward_tasks(torch.randn(2, 3, 32, 48), ["semseg", "depth"])
+    assert batches == {"attn": 2, "norm2": 2, "moe": 4}
+
+
+def test_forward_tasks_without_moe_layers_runs_the_backbone_once() -> None:
+    torch.manual_seed(0)
+    model = _small(moe_layers=[]).train()
+    x = torch.randn(2, 3, 32, 48)
+    batched = model.forward_tasks(x, ["semseg", "depth"])
+    single = model(x, "semseg")
+    assert torch.equal(batched.tokens, single.tokens.repeat(2, 1, 1))
+    assert batched.routing == [] and float(batched.balance_loss) == 0.0
+
+
 def test_balance_loss_train_only_and_differentiable() -> None:
     model = _small().train()
     out = model(torch.randn(2, 3, 32, 32), "semseg")

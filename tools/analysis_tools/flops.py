@@ -13,8 +13,9 @@ active cost. The model is randomly initialised: routing (hence which experts run
 not change the count, because every token runs exactly k experts.
 
 Rows: one per task (single-task inference: that task's routers and head only) and
-``all`` (every task of the config, as ``predict`` runs them; with task-batched mode the
-blocks before the first MoE layer are shared). Columns, in GMAC: patch embedding,
+``all`` (every task of the config, as ``predict`` runs them; with task-batched mode
+everything before the first router is shared: the blocks before the first MoE layer and
+that layer's attention). Columns, in GMAC: patch embedding,
 attention (qkv, QK^T, AV, proj), dense MLP, MoE experts, routers, heads, total.
 """
 

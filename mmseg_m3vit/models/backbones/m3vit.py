@@ -102,10 +102,27 @@ class Block(nn.Module):
         self, x: Tensor, task_ids: Tensor | None
     ) -> tuple[Tensor, MoERouting | None, Tensor | None]:
         """x (B, N, D) -> (x, routing or None, balance loss or None)."""
-        x = x + self.attn(_norm(self.norm1, x))
+        return self.feed_forward(self.attend(x), task_ids)
+
+    def attend(self, x: Tensor) -> Tensor:
+        """The attention half: x (B, N, D) -> x + attn(norm1(x)), (B, N, D)."""
+        return x + self.attn(_norm(self.norm1, x))
+
+    def feed_forward(
+        self, x: Tensor, task_ids: Tensor | None, repeat: int = 1
+    ) -> tuple[Tensor, MoERouting | None, Tensor | None]:
+        """The FFN half: x (B, N, D) -> x + ffn(norm2(x)), (repeat*B, N, D).
+
+        ``repeat`` > 1 normalises the B samples once and repeats them (and the residual)
+        ``repeat`` times along the batch before the FFN, for ``task_ids`` of length
+        ``repeat*B``: the task-batched pass shares everything before the first router.
+        """
+        h = _norm(self.norm2, x)
+        if repeat > 1:
+            x, h = x.repeat(repeat, 1, 1), h.repeat(repeat, 1, 1)
         if not self.is_moe:
-            return x + self.mlp(_norm(self.norm2, x)), None, None
-        y, routing, loss = self.moe(_norm(self.norm2, x), task_ids)
+            return x + self.mlp(h), None, None
+        y, routing, loss = self.moe(h, task_ids)
         return x + y, routing, loss
 
 
@@ -373,8 +390,9 @@ class M3ViT(TaskNamesMixin, BaseModule):
     def forward_tasks(self, x: Tensor, tasks: Sequence[str]) -> M3ViTOutput:
         """Task-batched pass for several tasks at once (same result as one pass per task).
 
-        Blocks before the first MoE layer run once on the B images; their output is
-        repeated T times and the remaining blocks run on T*B samples with per-sample task
+        Everything before the first router runs once on the B images (the blocks before
+        the first MoE layer, then that layer's attention and second LayerNorm); the
+        result is repeated T times and the rest runs on T*B samples with per-sample task
         ids. Returns tokens of shape (T*B, 1+N, D), task-major: rows ``t*B:(t+1)*B`` are
         task ``tasks[t]``. The balance loss sums each task's router calls, as T separate
         passes would.
@@ -390,9 +408,16 @@ class M3ViT(TaskNamesMixin, BaseModule):
         b = x.shape[0]
         tokens, grid = self.embed(x)
         start = self.first_moe_layer
-        tokens, _, _ = self.forward_blocks(tokens, None, 0, start)
+        tokens, _, zero = self.forward_blocks(tokens, None, 0, start)
+        if start == len(self.blocks):  # no MoE layer: one pass serves every task
+            return M3ViTOutput(tokens.repeat(len(tasks), 1, 1), grid, zero, [])
         ids = torch.tensor([self.tasks.index(t) for t in tasks], device=x.device)
         task_ids = ids.repeat_interleave(b)
-        tokens = tokens.repeat(len(tasks), 1, 1)
-        tokens, routing, loss = self.forward_blocks(tokens, task_ids, start)
-        return M3ViTOutput(tokens, grid, loss, routing)
+        first = self.blocks[start]
+        tokens, first_routing, first_loss = first.feed_forward(
+            first.attend(tokens), task_ids, repeat=len(tasks)
+        )
+        tokens, routing, loss = self.forward_blocks(tokens, task_ids, start + 1)
+        if self.training:
+            loss = first_loss + loss
+        return M3ViTOutput(tokens, grid, loss, [first_routing, *routing])

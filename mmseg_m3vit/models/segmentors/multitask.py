@@ -73,8 +73,8 @@ class MultiTaskSegmentor(BaseSegmentor):
         loss(inputs, data_samples):               every task, every step
             extract_feat(inputs, tasks) -> {task: M3ViTOutput}, balance
                 shared router:     backbone(inputs, None) once, all heads read it
-                task_batched:      backbone(inputs, [tasks]) (forward_tasks): blocks before
-                                   the first MoE layer once, the rest on T x B samples
+                task_batched:      backbone(inputs, [tasks]) (forward_tasks): all before
+                                   the first router once, the rest on T x B samples
                 otherwise:         backbone(inputs, task) for each task (T passes)
             heads[task].loss(tokens, grid, data_samples) -> {'<task>.loss_*'} x weight
             [tam: per level, TaskAttentionModule(stage features of every head)
