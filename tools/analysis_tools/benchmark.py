@@ -7,7 +7,8 @@
     per-expert loop MoE, float32) to the optimised one (task-batched backbone, fused
     MoE kernels, bf16 autocast), one change per row, and a dense ViT-S multi-task model
     with the same heads (every FFN a dense 1536-unit MLP = the MoE's active FLOPs;
-    the shared backbone runs once for all tasks) as the reference.
+    the shared backbone runs once for all tasks) as the reference; on CUDA, (b') the
+    kernel time and achieved TFLOP/s per kernel class of those two steps.
 (c) Single-task (semseg) inference, bf16 autocast: the M3ViT backbone against the dense
     ViT-S backbone of equal active FLOPs at batch 1, 8 and 64, eagerly (launches
     included) and replayed from a CUDA graph; backbone + head images/s and model-FLOPs
@@ -166,6 +167,7 @@ def train_step_part(
         ("dense ViT-S multi-task, same heads (reference)", True, "auto", cuda, True),
     ]
     results = []
+    breakdown: dict[str, tuple[dict[str, float], dict[str, int]]] = {}
     for name, batched, dispatch, amp, dense in variants:
         torch.manual_seed(0)
         extra = {"backbone_moe_layers": []} if dense else {}
@@ -178,6 +180,11 @@ def train_step_part(
         wrapper = AmpOptimWrapper(optimizer=sgd, dtype="bfloat16") if amp else OptimWrapper(sgd)
         step = lambda m=model, d=batch, w=wrapper: m.train_step(d, w)  # noqa: E731
         results.append((name, bench(step, device, warmup, reps)))
+        if cuda and batched and dispatch == "auto":  # the optimised step and the reference
+            breakdown["dense MTL" if dense else "M3ViT"] = (
+                kernel_breakdown(step, reps=3),
+                step_flops(model, step),
+            )
         del model, wrapper, sgd, batch, step
         if cuda:
             torch.cuda.empty_cache()
@@ -197,6 +204,54 @@ def train_step_part(
         f"{size[0]}x{size[1]}, random data already on the device, SGD"
     )
     header = ["implementation", "ms/step", "images/s", "speed-up", "images/s vs dense MTL"]
+    text = table(title, header, rows)
+    if breakdown:
+        text += "\n" + train_breakdown_table(breakdown, batch_size)
+    return text
+
+
+def step_flops(model: nn.Module, step: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of one train step (forward and backward) per :data:`FLOP_CATEGORIES`.
+
+    Counted with the MoE layers on the sorted dispatch (plain matmuls that the counter
+    sees; the fused kernels are opaque to it), then set back to the default.
+    """
+    moes = [m for m in model.modules() if hasattr(m, "dispatch")]
+    saved = [m.dispatch for m in moes]
+    for m in moes:
+        m.dispatch = "sorted"
+    try:
+        return count_flops(step)
+    finally:
+        for m, d in zip(moes, saved):
+            m.dispatch = d
+
+
+def train_breakdown_table(
+    breakdown: dict[str, tuple[dict[str, float], dict[str, int]]], batch_size: int
+) -> str:
+    """(b'): per kernel class, CUDA ms per step, TFLOP per step and TFLOP/s of each model.
+
+    ``breakdown`` maps a model's name to (kernel ms per class, FLOPs per class).
+    """
+    names = list(breakdown)
+    header = ["kernels"]
+    for n in names:
+        header += [f"{n}: ms", "TFLOP", "TFLOP/s"]
+    rows = []
+    for cat in [*KERNEL_CLASSES, "total"]:
+        row = [cat]
+        for n in names:
+            ktimes, flops = breakdown[n]
+            ms = sum(ktimes.values()) if cat == "total" else ktimes[cat]
+            f = flops.get(cat, 0)
+            rate = f"{f / (ms * 1e-3) / 1e12:.0f}" if f and ms else "-"
+            row += [f"{ms:.2f}", f"{f / 1e12:.2f}" if f else "-", rate]
+        rows.append(row)
+    title = (
+        f"(b') where the train step's time goes, batch {batch_size}: CUDA kernel time per "
+        "class (profiler, 3 steps) and the FLOPs of one step (forward + backward)"
+    )
     return table(title, header, rows)
 
 
