@@ -186,6 +186,20 @@ def test_balance_loss_groups_are_separate_router_calls() -> None:
     assert float(total) == pytest.approx(expected, rel=1e-5)
 
 
+def test_balance_loss_groups_of_runs_equal_per_token_groups() -> None:
+    logits = torch.randn(4 * 5, 6)
+    gate = vmoe_top_k(logits, k=2, with_stats=True)
+    per_sample = torch.tensor([2, 0, 2, 1])  # 4 samples of 5 tokens each
+    expected = 0.0
+    for g in range(3):
+        sel = per_sample.repeat_interleave(5) == g
+        expected += float(balance_loss(vmoe_top_k(logits[sel], k=2)))
+    got = balance_loss(gate, per_sample, num_groups=3, run_length=5)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match=r"group_of_token must have shape \(20 // run_length,\)"):
+        balance_loss(gate, per_sample, num_groups=3, run_length=4)
+
+
 def test_cv_squared_single_expert_is_zero() -> None:
     assert float(cv_squared(torch.tensor([3.0]))) == 0.0
     assert float(cv_squared(torch.tensor([1.0, 3.0]))) == pytest.approx(2.0 / 4.0)

@@ -98,16 +98,22 @@ def cv_squared(v: Tensor) -> Tensor:
 
 
 def balance_loss(
-    gate: GateOutput, group_of_token: Tensor | None = None, num_groups: int = 1
+    gate: GateOutput,
+    group_of_token: Tensor | None = None,
+    num_groups: int = 1,
+    run_length: int = 1,
 ) -> Tensor:
     """Sum over routing groups of ``cv2(importance) + cv2(load)`` (unweighted).
 
     Args:
         gate: output of :func:`vmoe_top_k` for M tokens, with its statistics.
-        group_of_token: (M,) long group id per token in [0, num_groups) (one group per
-            task in a mixed-task batch), or None for a single group. Groups with no
-            token contribute nothing.
+        group_of_token: (M // run_length,) long group id in [0, num_groups) per run of
+            ``run_length`` consecutive tokens (one group per task in a mixed-task batch;
+            one run per sample when the tokens are (B, N) flattened), or None for a
+            single group. Groups with no token contribute nothing.
         num_groups: number of groups G.
+        run_length: tokens per entry of ``group_of_token``; each run is summed first,
+            so the scatter into the G groups adds M / run_length rows, not M.
 
     Returns:
         Scalar float32 tensor.
@@ -117,7 +123,16 @@ def balance_loss(
     imp, load = gate.importance_per_token.float(), gate.load_per_token.float()
     if group_of_token is None:
         return cv_squared(imp.sum(0)) + cv_squared(load.sum(0))
-    e = imp.shape[1]
+    m, e = imp.shape
+    if run_length < 1 or group_of_token.shape != (m // run_length,) or m % run_length:
+        raise ValueError(
+            f"group_of_token must have shape ({m} // run_length,) = "
+            f"({m // max(run_length, 1)},) with run_length={run_length} dividing {m}, "
+            f"got shape {tuple(group_of_token.shape)}"
+        )
+    if run_length > 1:
+        imp = imp.view(-1, run_length, e).sum(1)
+        load = load.view(-1, run_length, e).sum(1)
     imp_g = imp.new_zeros((num_groups, e)).index_add(0, group_of_token, imp)
     load_g = load.new_zeros((num_groups, e)).index_add(0, group_of_token, load)
     present = torch.zeros(num_groups, dtype=torch.bool, device=imp.device)

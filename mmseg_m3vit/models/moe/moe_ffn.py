@@ -163,8 +163,7 @@ class MoEFFN(nn.Module):
             if task_ids is None:
                 loss = balance_loss(gate)
             else:
-                groups = task_ids.repeat_interleave(n)
-                loss = balance_loss(gate, groups, self.num_tasks)
+                loss = balance_loss(gate, task_ids, self.num_tasks, run_length=n)
         else:
             loss = x.new_zeros((), dtype=torch.float32)
         routing = MoERouting(gate.expert_ids, gate.gates.detach())
