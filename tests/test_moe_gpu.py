@@ -681,9 +681,104 @@ def test_layer_norm_autocast_matches_layer_norm(d: int, monkeypatch) -> None:
     )
     assert rel_err(y, ref64) < 4e-3
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert fln.layer_norm_autocast(norm, x) is None  # autograd on
+        y = fln.layer_norm_autocast(norm, x)  # autograd on: the differentiable kernel
+        assert y.dtype == torch.bfloat16 and y.requires_grad
     with torch.no_grad():
         assert fln.layer_norm_autocast(norm, x) is None  # no autocast
+    monkeypatch.setattr(fln, "FAST_NORM_MODE", "off")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert fln.layer_norm_autocast(norm, x) is None
+
+
+@pytest.mark.gpu
+@requires_kernels
+@pytest.mark.parametrize(
+    ("d", "affine", "rows"), [(384, True, 37), (48, True, 211), (48, False, 5), (384, True, 0)]
+)
+def test_layer_norm_rows_gradients_match_float64(d: int, affine: bool, rows: int) -> None:
+    """The Triton LayerNorm's forward (bf16) and backward (fp32 input gradient, weight
+    and bias gradients summed per program) against float64 autograd of the same rows,
+    from a strided token slice, with the bf16 output gradient as given: forward within
+    bf16 rounding, gradients within fp32 rounding; no rows gives zero weight gradients."""
+    from mmseg_m3vit.models import fast_layer_norm as fln
+
+    dev = KERNEL_DEVICE
+    g = torch.Generator().manual_seed(3)
+    tokens = (torch.randn(3, 1 + rows, d, generator=g) * 3 + 1).to(dev)
+    xs = tokens.clone().requires_grad_(True)
+    x = xs[:, 1:]
+    w = (torch.rand(d, generator=g) + 0.5).to(dev).requires_grad_(affine)
+    b = (torch.rand(d, generator=g) - 0.5).to(dev).requires_grad_(affine)
+    weight, bias = (w, b) if affine else (None, None)
+    y = fln.layer_norm_rows(x, weight, bias, 1e-6, torch.bfloat16)
+    dy = torch.randn(3, rows, d, generator=g).bfloat16().to(dev)
+    y.backward(dy)
+
+    x64 = tokens.detach().double()[:, 1:].requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    b64 = b.detach().double().requires_grad_(True)
+    ref = F.layer_norm(x64, (d,), w64 if affine else None, b64 if affine else None, 1e-6)
+    ref.backward(dy.double())
+    assert y.dtype == torch.bfloat16 and y.shape == (3, rows, d) and y.is_contiguous()
+    assert xs.grad.dtype == torch.float32 and torch.equal(
+        xs.grad[:, 0], torch.zeros_like(xs.grad[:, 0])
+    )
+    if rows == 0:
+        assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+        return
+    # one rounding to bf16 (the interpreter truncates: up to one ulp, 2^-7 relative)
+    torch.testing.assert_close(y.double().cpu(), ref.detach().cpu(), rtol=2.0**-7, atol=1e-5)
+    assert rel_err(xs.grad[:, 1:], x64.grad) < 1e-5
+    if affine:
+        assert rel_err(w.grad, w64.grad) < 1e-5 and rel_err(b.grad, b64.grad) < 1e-5
+    else:
+        assert w.grad is None and b.grad is None
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_backbone_training_fast_layer_norm_matches_float64(monkeypatch) -> None:
+    """Train-mode backbone under bf16 autocast, gradients of a random projection of its
+    tokens: with the Triton LayerNorm (forward and backward) against float64, within
+    1.5x (+1e-3) of the error of the same step with torch's LayerNorm."""
+    import copy
+
+    from mmseg_m3vit.models import fast_layer_norm as fln
+    from mmseg_m3vit.models.backbones import M3ViT
+
+    torch.manual_seed(9)
+    bb = M3ViT(
+        tasks=["semseg", "depth"],
+        img_size=(64, 80),
+        embed_dims=64,
+        num_heads=4,
+        num_layers=4,
+        num_experts=8,
+        top_k=4,
+        expert_hidden_dims=32,
+    ).train()
+    img = torch.randn(2, 3, 64, 80)
+    proj = torch.randn(64, dtype=torch.float64)
+
+    def grads(model, x, autocast: bool) -> dict[str, Tensor]:
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model.forward_tasks(x, ["semseg", "depth"])
+        (out.tokens.double() @ proj.to(x.device)).square().mean().backward()
+        return {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}
+
+    ref = grads(copy.deepcopy(bb).double(), img.double(), False)
+    bb = bb.cuda()
+    calls = []
+    real = fln.layer_norm_rows
+    monkeypatch.setattr(fln, "layer_norm_rows", lambda *a: calls.append(1) or real(*a))
+    fast = grads(bb, img.cuda(), True)
+    assert len(calls) == 2 * 4  # both norms of the 4 blocks, each one call
+    monkeypatch.setattr(fln, "FAST_NORM_MODE", "off")
+    base = grads(bb, img.cuda(), True)
+    for name in ("blocks.0.norm1.weight", "blocks.2.norm2.bias", "blocks.3.attn.qkv.weight"):
+        err, base_err = rel_err(fast[name], ref[name]), rel_err(base[name], ref[name])
+        assert err <= 1.5 * base_err + 1e-3, (name, err, base_err)
 
 
 @pytest.mark.gpu

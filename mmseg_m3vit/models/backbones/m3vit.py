@@ -127,8 +127,8 @@ class Block(nn.Module):
 
 
 def _norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
-    """``norm(x)``; in inference under CUDA autocast written directly in the autocast
-    dtype that its matmul consumers cast to (:mod:`..fast_layer_norm`)."""
+    """``norm(x)``; under CUDA autocast (inference and training) written directly in
+    the autocast dtype that its matmul consumers cast to (:mod:`..fast_layer_norm`)."""
     y = layer_norm_autocast(norm, x)
     return norm(x) if y is None else y
 

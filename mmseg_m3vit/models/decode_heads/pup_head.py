@@ -41,10 +41,10 @@ class PUPHead(BaseModule):
     """Drop CLS -> LayerNorm -> (h, w) map -> [conv3x3+BN+ReLU, x2 up] x num_up ->
     conv3x3+BN+ReLU -> conv1x1 -> x2 up -> bilinear resize to the input size.
 
-    Inference under CUDA autocast (eval, no autograd) takes two fast paths chosen
-    automatically: the LayerNorm writes the autocast dtype directly
-    (:mod:`..fast_layer_norm`) and each conv + BN + ReLU runs as one conv with the BN
-    folded in (:mod:`.conv_fold`).
+    Under CUDA autocast the LayerNorm writes the autocast dtype directly, in training
+    too (:mod:`..fast_layer_norm`); inference (eval, no autograd) also runs each conv +
+    BN + ReLU as one conv with the BN folded in (:mod:`.conv_fold`). Both are chosen
+    automatically.
 
     API as mmseg's decode heads: :meth:`forward` (features -> logits), :meth:`loss`
     / :meth:`loss_by_feat` (ground truth read from ``SegDataSample.<gt_field>`` of the
