@@ -295,10 +295,14 @@ def variant_table(p: Problem, reps: int) -> str:
         ("split", "defaults", {}),
         ("split", "one stream", {"TRAIN_STREAMS": False}),
         ("split", "row products in torch._grouped_mm", {"ROW_PRODUCTS": "cutlass"}),
-        ("split", "row GEMM 128x128x64 w8 s4", {"PLAIN_GEMM_TILES": dict(BM=128, num_warps=8)}),
-        ("split", "row GEMM 128x64x64 w4 s4", {"PLAIN_GEMM_TILES": dict(BM=128, BN=64)}),
-        ("split", "row GEMM 64x128x64 w4 s4", {"PLAIN_GEMM_TILES": dict(num_stages=4)}),
     ]
+    for tiles in (  # whole tile sets of the split step's row GEMM, labelled from the dict
+        dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
+        dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=3),
+        dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
+    ):
+        label = "row GEMM {BM}x{BN}x{BK} w{num_warps} s{num_stages}".format(**tiles)
+        variants.append(("split", label, {"PLAIN_GEMM_TILES": tiles}))
     names = {n for v in variants for n in v[2]} | {"TRAIN_MATMULS"}
     saved = {n: copy.deepcopy(getattr(fused, n)) for n in names}
 

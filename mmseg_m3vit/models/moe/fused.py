@@ -99,7 +99,9 @@ TRAIN_STREAMS = True
 #: work at N = 384; fwd+bwd 0.454 vs 0.422 ms, ``benchmark_moe.py --variants``). The
 #: weight gradients always take ``torch._grouped_mm``.
 ROW_PRODUCTS = "triton"
-PLAIN_GEMM_TILES = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
+#: Tiles of that Triton GEMM (128x128x64 with 8 warps: 0.417 vs 0.426 ms fwd+bwd for
+#: 64x128x64 with 4 warps, ``benchmark_moe.py --variants``, two runs agreeing).
+PLAIN_GEMM_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 #: Matrix products of a bf16 training step (forward with autograd, and backward; see
 #: the module docstring): ``'split'`` = plain grouped products with the hidden
