@@ -411,8 +411,14 @@ class M3ViT(TaskNamesMixin, BaseModule):
         tokens, _, zero = self.forward_blocks(tokens, None, 0, start)
         if start == len(self.blocks):  # no MoE layer: one pass serves every task
             return M3ViTOutput(tokens.repeat(len(tasks), 1, 1), grid, zero, [])
-        ids = torch.tensor([self.tasks.index(t) for t in tasks], device=x.device)
-        task_ids = ids.repeat_interleave(b)
+        # filled on the device: a tensor from a Python list would be a host-to-device
+        # copy that waits for the GPU queue to drain, every training step
+        task_ids = torch.cat(
+            [
+                torch.full((b,), self.tasks.index(t), dtype=torch.long, device=x.device)
+                for t in tasks
+            ]
+        )
         first = self.blocks[start]
         tokens, first_routing, first_loss = first.feed_forward(
             first.attend(tokens), task_ids, repeat=len(tasks)

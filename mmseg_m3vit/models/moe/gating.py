@@ -135,7 +135,7 @@ def balance_loss(
         load = load.view(-1, run_length, e).sum(1)
     imp_g = imp.new_zeros((num_groups, e)).index_add(0, group_of_token, imp)
     load_g = load.new_zeros((num_groups, e)).index_add(0, group_of_token, load)
-    present = torch.zeros(num_groups, dtype=torch.bool, device=imp.device)
-    present[group_of_token] = True
+    # tokens per group by a scatter-add (indexed assignment would synchronise the host)
+    present = imp.new_zeros(num_groups).index_add(0, group_of_token, imp.new_ones(len(imp))) > 0
     per_group = cv_squared(imp_g) + cv_squared(load_g)
     return (per_group * present).sum()
