@@ -84,8 +84,11 @@ def test_losses_without_valid_pixels_are_zero_with_grad() -> None:
         (DepthL1Loss(), torch.zeros(1, 1, 2, 2)),
         (BalancedBCELoss(0.95), torch.full((1, 1, 2, 2), 255)),
     ]:
+        pred.grad = None
         value = loss(pred, gt)
         assert float(value.detach()) == 0.0 and value.requires_grad
+        value.backward()
+        assert torch.equal(pred.grad, torch.zeros_like(pred))
 
 
 def test_loss_input_errors() -> None:

@@ -119,7 +119,9 @@ class MultiTaskDataPreprocessor(BaseDataPreprocessor):
             if x.ndim != 3:
                 raise ValueError(f"input {i} should be (C, H, W), got shape {tuple(x.shape)}")
         if self.channel_conversion:
-            inputs = [x[[2, 1, 0]] if x.shape[0] == 3 else x for x in inputs]
+            # flip, not x[[2, 1, 0]]: a list index is copied to the device, and that
+            # copy from pageable memory waits for the GPU to drain (once per image)
+            inputs = [x.flip(0) if x.shape[0] == 3 else x for x in inputs]
         inputs = [x.float() for x in inputs]
         if self._normalize:
             inputs = [(x - self.mean) / self.std for x in inputs]

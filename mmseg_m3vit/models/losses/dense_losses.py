@@ -34,11 +34,10 @@ def _check(pred: Tensor, target: Tensor, name: str, pred_c: int | None, target_c
         raise ValueError(f"{name}: target must have {target_c} channels, got {target.shape[1]}")
 
 
-def _masked_mean(values: Tensor, mask: Tensor, pred: Tensor) -> Tensor:
-    count = mask.sum()
-    if int(count) == 0:
-        return pred.sum() * 0.0
-    return (values * mask).sum() / count
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over the bool ``mask``; 0 when nothing is valid (masked-out
+    values are selected away, not multiplied by 0). No host synchronisation."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 @MODELS.register_module()
@@ -65,7 +64,7 @@ class PixelCrossEntropyLoss(nn.Module):
         per_pixel = F.cross_entropy(
             pred.float(), target, ignore_index=self.ignore_index, reduction="none"
         )
-        return _masked_mean(per_pixel, valid, pred)
+        return _masked_mean(per_pixel, valid)
 
 
 @MODELS.register_module()
@@ -84,7 +83,7 @@ class DepthL1Loss(nn.Module):
         target = target.float()
         valid = (target > 0) & torch.isfinite(target)
         diff = (pred.float() - torch.where(valid, target, torch.zeros_like(target))).abs()
-        return _masked_mean(diff, valid, pred)
+        return _masked_mean(diff, valid)
 
 
 @MODELS.register_module()
@@ -104,7 +103,7 @@ class NormalsL1Loss(nn.Module):
         target = target.float()
         unit = F.normalize(pred.float(), p=2, dim=1, eps=1e-12)
         valid = (target.abs().sum(dim=1, keepdim=True) > 0).expand_as(target)
-        return _masked_mean((unit - target).abs(), valid, pred)
+        return _masked_mean((unit - target).abs(), valid)
 
 
 @MODELS.register_module()
@@ -142,4 +141,4 @@ class BalancedBCELoss(nn.Module):
             w = torch.tensor(self.pos_weight, device=pred.device)
         z = pred.float()
         per_pixel = -(w * y * F.logsigmoid(z) + (1 - w) * (1 - y) * F.logsigmoid(-z))
-        return _masked_mean(per_pixel, valid, pred)
+        return _masked_mean(per_pixel, valid)
