@@ -84,8 +84,11 @@ def test_flops_tool_table_and_json(tmp_path, capsys) -> None:
         expected["heads"] = _head_macs(c)
         expected["total"] = sum(expected.values())
         assert rows[task] == expected, task
-    # all four tasks, task-batched: block 0 once, blocks 1..3 on 4 copies
+    # all four tasks, task-batched: block 0 and block 1's attention once (everything
+    # before the first router), block 1's MoE FFN and blocks 2..3 on 4 copies
     expected = _closed_form_backbone(n_tok, 1, 4)
+    attn = n_tok * D * 3 * D + n_tok * D * D + 2 * n_tok * n_tok * D
+    expected["attention"] = attn * (1 + 1 + 2 * 4)
     expected["dense_mlp"] = 2 * n_tok * D * 4 * D * (1 + 4)
     expected["heads"] = sum(_head_macs(c) for c in CLASSES.values())
     expected["total"] = sum(expected.values())
