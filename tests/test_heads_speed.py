@@ -185,3 +185,92 @@ def test_head_folded_bn_matches_float64(monkeypatch) -> None:
         head(tokens.cuda(), (4, 5))  # autograd on: unfused
         head.train()(tokens.cuda(), (4, 5))  # training: unfused
     assert len(calls) == n
+
+
+#: Where the upsampling kernels run: CUDA, else Triton's CPU interpreter, else nowhere.
+KERNEL_DEVICE = (
+    None
+    if upsample.triton is None
+    else "cuda"
+    if torch.cuda.is_available()
+    else ("cpu" if upsample.INTERPRET else None)
+)
+requires_kernels = pytest.mark.skipif(
+    KERNEL_DEVICE is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1 with triton)"
+)
+
+
+@pytest.mark.gpu
+@requires_kernels
+@pytest.mark.parametrize("shape", SHAPES)
+def test_upsample2x_train_matches_float64(shape) -> None:
+    """The differentiable Triton x2 upsampling in float32 (forward kernel and the adjoint
+    stencil backward) against float64 F.interpolate and its autograd, edges and maps of
+    one row or column included."""
+    x64 = _rand(shape, seed=sum(shape) + 1)
+    g64 = _rand((shape[0], shape[1], 2 * shape[2], 2 * shape[3]), seed=sum(shape) + 2)
+    x = x64.float().contiguous(memory_format=torch.channels_last).to(KERNEL_DEVICE)
+    x.requires_grad_(True)
+    out = upsample.upsample2x_train(x)
+    out.backward(g64.float().to(KERNEL_DEVICE))
+    xr = x64.clone().requires_grad_(True)
+    ref = F.interpolate(xr, scale_factor=2, mode="bilinear", align_corners=False)
+    ref.backward(g64)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(out, ref) < 1e-6 and _rel(x.grad, xr.grad) < 1e-6
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channels-last"):
+        upsample.upsample2x_train(torch.randn(1, 3, 4, 5, device=KERNEL_DEVICE))
+
+
+@pytest.mark.gpu
+@requires_kernels
+def test_upsample2x_train_bf16_rounds_once() -> None:
+    """bf16 map: forward and input gradient are the float32 results rounded once to bf16
+    (at most one bf16 ulp apart; the interpreter truncates instead of rounding)."""
+    x = _rand((2, 16, 5, 7), seed=11, dtype=torch.bfloat16, channels_last=True)
+    g = _rand((2, 16, 10, 14), seed=12, dtype=torch.bfloat16, channels_last=True)
+    xd = x.to(KERNEL_DEVICE, copy=True).requires_grad_(True)
+    out = upsample.upsample2x_train(xd)
+    out.backward(g.to(KERNEL_DEVICE))
+    x32 = x.float().requires_grad_(True)
+    ref = F.interpolate(x32, scale_factor=2, mode="bilinear", align_corners=False)
+    ref.backward(g.float())
+    assert out.dtype == xd.grad.dtype == torch.bfloat16
+    ulp = 2.0**-7
+    torch.testing.assert_close(out.float().cpu(), ref.detach(), rtol=ulp, atol=1e-6)
+    torch.testing.assert_close(xd.grad.float().cpu(), x32.grad, rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_head_training_upsampling_under_autocast(monkeypatch) -> None:
+    """Train-mode head under bf16 autocast: the x2 steps between convs take the Triton
+    autograd path (and only those: the logits' step keeps F.interpolate in fp32); its
+    gradients against the float64 head are within 1.5x (+1e-3) of the error of the same
+    step through F.interpolate."""
+    torch.manual_seed(0)
+    head = PUPHead("semseg", 5, dict(type="PixelCrossEntropyLoss"), in_channels=32, channels=16)
+    tokens = torch.randn(2, 1 + 4 * 5, 32)
+    proj = torch.randn(5, 64, 80, dtype=torch.float64)
+
+    def grads(model, t, autocast: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(t, (4, 5))
+        (out.double() * proj.to(t.device)).sum().square().backward()
+        return {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}
+
+    ref = grads(copy.deepcopy(head).double().train(), tokens.double(), False)
+    head = head.cuda().train()
+    calls = []
+    real = upsample.upsample2x_train
+    monkeypatch.setattr(upsample, "upsample2x_train", lambda x: calls.append(x.shape) or real(x))
+    fast = grads(head, tokens.cuda(), True)
+    assert len(calls) == head.num_up  # the steps between convs, not the logits' step
+    monkeypatch.setattr(upsample, "UPSAMPLE_IMPL", "interpolate")
+    base = grads(head, tokens.cuda(), True)
+    assert len(calls) == head.num_up
+    for name in ("convs.0.conv.weight", "convs.2.conv.weight", "conv_seg.weight"):
+        err, base_err = _rel(fast[name], ref[name]), _rel(base[name], ref[name])
+        assert err <= 1.5 * base_err + 1e-3, (name, err, base_err)

@@ -42,8 +42,9 @@ class PUPHead(BaseModule):
     conv3x3+BN+ReLU -> conv1x1 -> x2 up -> bilinear resize to the input size.
 
     Under CUDA autocast the LayerNorm writes the autocast dtype directly, in training
-    too (:mod:`..fast_layer_norm`); inference (eval, no autograd) also runs each conv +
-    BN + ReLU as one conv with the BN folded in (:mod:`.conv_fold`). Both are chosen
+    too (:mod:`..fast_layer_norm`), and so do the x2 steps between convs
+    (:mod:`.upsample`); inference (eval, no autograd) also runs each conv + BN + ReLU
+    as one conv with the BN folded in (:mod:`.conv_fold`). All are chosen
     automatically.
 
     API as mmseg's decode heads: :meth:`forward` (features -> logits), :meth:`loss`
@@ -149,7 +150,7 @@ class PUPHead(BaseModule):
         h, w = grid
         if n != 1 + h * w:
             raise ValueError(f"PUPHead({self.task}): {n} tokens do not match 1 + {h}x{w}")
-        x = layer_norm_autocast(self.norm, tokens[:, 1:])  # eval + autocast on CUDA
+        x = layer_norm_autocast(self.norm, tokens[:, 1:])  # autocast on CUDA
         x = self.norm(tokens[:, 1:]) if x is None else x
         x = x.transpose(1, 2).reshape(b, d, h, w)
         feats = []
@@ -157,8 +158,8 @@ class PUPHead(BaseModule):
             y = fold_conv_bn_relu(conv, x)  # eval + autocast on CUDA: BN folded
             x = conv(x) if y is None else y
             feats.append(x)
-            if i < self.num_up:
-                x = self._up_step(x, 2)
+            if i < self.num_up:  # feeds the next conv only
+                x = self._up_step(x, 2, feeds_autocast=True)
         x = self._up_step(self.conv_seg(x), 2)
         if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
             out_size = tuple(out_size)
@@ -170,15 +171,22 @@ class PUPHead(BaseModule):
                 x = self._up(x, size=out_size)
         return x, feats
 
-    def _up_step(self, x: Tensor, scale: int) -> Tensor:
-        """One fixed upsampling step of the head, in ``upsample_mode``."""
+    def _up_step(self, x: Tensor, scale: int, feeds_autocast: bool = False) -> Tensor:
+        """One fixed upsampling step of the head, in ``upsample_mode``;
+        ``feeds_autocast``: the result only feeds a conv (see :func:`.upsample2x`)."""
         if self.upsample_mode == "nearest":
             return F.interpolate(x, scale_factor=scale, mode="nearest")
-        return self._up(x, scale=scale)
+        return self._up(x, scale=scale, feeds_autocast=feeds_autocast)
 
-    def _up(self, x: Tensor, scale: int | None = None, size: tuple[int, int] | None = None):
+    def _up(
+        self,
+        x: Tensor,
+        scale: int | None = None,
+        size: tuple[int, int] | None = None,
+        feeds_autocast: bool = False,
+    ) -> Tensor:
         if scale == 2 and size is None and not self.align_corners:
-            return upsample2x(x)
+            return upsample2x(x, feeds_autocast=feeds_autocast)
         return F.interpolate(
             x, size=size, scale_factor=scale, mode="bilinear", align_corners=self.align_corners
         )
