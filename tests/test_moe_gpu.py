@@ -654,6 +654,22 @@ def test_moe_layer_inference_no_sync_and_cuda_graph() -> None:
 
 
 # ----------------------------------------------------------------------------- backbone
+def _small_backbone():
+    """A 4-block M3ViT (D 64, 8 experts, top-4, MoE in blocks 1 and 3), two tasks."""
+    from mmseg_m3vit.models.backbones import M3ViT
+
+    return M3ViT(
+        tasks=["semseg", "depth"],
+        img_size=(64, 80),
+        embed_dims=64,
+        num_heads=4,
+        num_layers=4,
+        num_experts=8,
+        top_k=4,
+        expert_hidden_dims=32,
+    )
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("d", [384, 48])
@@ -744,19 +760,9 @@ def test_backbone_training_fast_layer_norm_matches_float64(monkeypatch) -> None:
     import copy
 
     from mmseg_m3vit.models import fast_layer_norm as fln
-    from mmseg_m3vit.models.backbones import M3ViT
 
     torch.manual_seed(9)
-    bb = M3ViT(
-        tasks=["semseg", "depth"],
-        img_size=(64, 80),
-        embed_dims=64,
-        num_heads=4,
-        num_layers=4,
-        num_experts=8,
-        top_k=4,
-        expert_hidden_dims=32,
-    ).train()
+    bb = _small_backbone().train()
     img = torch.randn(2, 3, 64, 80)
     proj = torch.randn(64, dtype=torch.float64)
 
@@ -791,19 +797,9 @@ def test_backbone_inference_fast_paths_match_float64(monkeypatch) -> None:
     import copy
 
     from mmseg_m3vit.models import fast_layer_norm as fln
-    from mmseg_m3vit.models.backbones import M3ViT
 
     torch.manual_seed(8)
-    bb = M3ViT(
-        tasks=["semseg", "depth"],
-        img_size=(64, 80),
-        embed_dims=64,
-        num_heads=4,
-        num_layers=4,
-        num_experts=8,
-        top_k=4,
-        expert_hidden_dims=32,
-    ).eval()
+    bb = _small_backbone().eval()
     img = torch.randn(2, 3, 64, 80)
     with torch.inference_mode():
         ref = copy.deepcopy(bb).double()(img.double(), "depth").tokens
