@@ -207,8 +207,8 @@ def train_step_part(
     title = (
         f"(b) train step, {len(tasks)}-task NYUD model, batch {batch_size} at "
         f"{size[0]}x{size[1]}, random data already on the device, SGD; eager wall time "
-        "(host launches included) and GPU time (kernels queued ahead behind a spin, "
-        "the optimiser's host synchronisation included)"
+        "(host launches included) and GPU time (kernels queued ahead behind a spin; "
+        "launches after a host synchronisation inside the step still count)"
     )
     header = [
         "implementation",
