@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import mmseg_m3vit  # noqa: F401  (registers everything)
 from mmseg_m3vit.models.decode_heads import PUPHead, upsample
 from mmseg_m3vit.models.decode_heads.upsample import upsample2x, upsample2x_lerp
+from mmseg_m3vit.models.moe import fused
 
 SHAPES = [(2, 3, 1, 1), (1, 2, 1, 5), (2, 4, 3, 7), (1, 3, 5, 2), (2, 17, 6, 8), (1, 16, 4, 5)]
 
@@ -193,7 +194,7 @@ KERNEL_DEVICE = (
     if upsample.triton is None
     else "cuda"
     if torch.cuda.is_available()
-    else ("cpu" if upsample.INTERPRET else None)
+    else ("cpu" if fused.INTERPRET else None)
 )
 requires_kernels = pytest.mark.skipif(
     KERNEL_DEVICE is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1 with triton)"

@@ -23,7 +23,7 @@ that the caller runs the module itself; float32 runs never take it.
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +36,6 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 #: 'auto': use the kernels wherever they apply; 'off': never (tests and benchmarks).
 FAST_NORM_MODE = "auto"
-#: Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``); then
-#: :func:`layer_norm_rows` also takes CPU tensors (tests without a GPU).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Largest normalised dim the one-block-per-row kernels take.
 MAX_DIM = 8192
 
@@ -190,10 +187,19 @@ def _forward(
     return y, mean, rstd
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter)."""
+    return (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 4
+    )
+
+
 def _programs(x: Tensor, rows: int, block_r: int) -> int:
     """Backward programs: about 4 per SM (each sums its rows' dw, db), at least 1."""
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    return max(1, min(4 * sms, triton.cdiv(rows, block_r)))
+    return max(1, min(4 * _sm_count(x.device), triton.cdiv(rows, block_r)))
 
 
 class _LayerNormRows(torch.autograd.Function):
@@ -203,7 +209,6 @@ class _LayerNormRows(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, dtype):  # noqa: D102
         y, mean, rstd = _forward(x, weight, bias, eps, dtype, stats=True)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
@@ -218,7 +223,11 @@ class _LayerNormRows(torch.autograd.Function):
         per_prog = triton.cdiv(triton.cdiv(rows, progs), block_r) * block_r
         progs = triton.cdiv(rows, per_prog) if rows else 0
         dw = torch.empty(progs, d, dtype=torch.float32, device=x.device) if w is not None else None
-        db = torch.empty(progs, d, dtype=torch.float32, device=x.device) if ctx.has_bias else None
+        db = (
+            torch.empty(progs, d, dtype=torch.float32, device=x.device)
+            if ctx.bias_dtype is not None
+            else None
+        )
         if progs:
             _layer_norm_backward_kernel[(progs,)](
                 x,

@@ -17,8 +17,6 @@ backward gives after the cast back, up to the order of fp32 sums.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -186,11 +184,6 @@ class _Upsample2x(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         return _up2x_backward_triton(g)
-
-
-#: Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``); then
-#: :func:`upsample2x_train` also takes CPU tensors (tests without a GPU).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def upsample2x_train(x: Tensor) -> Tensor:
