@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
+from torch import Tensor
 
 import mmseg_m3vit  # noqa: F401  (registers everything)
 from mmseg_m3vit.models.decode_heads import PUPHead, default_output_kind
@@ -18,7 +19,10 @@ from mmseg_m3vit.models.losses import (
     DepthL1Loss,
     NormalsL1Loss,
     PixelCrossEntropyLoss,
+    raise_label_errors,
 )
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _sigmoid(z):
@@ -96,12 +100,66 @@ def test_loss_input_errors() -> None:
         PixelCrossEntropyLoss()(torch.randn(1, 4, 2, 2), torch.full((1, 1, 2, 2), 7))
     with pytest.raises(ValueError, match="pred must have 3 channels"):
         NormalsL1Loss()(torch.randn(1, 1, 2, 2), torch.zeros(1, 3, 2, 2))
-    with pytest.raises(ValueError, match="targets must be 0, 1"):
+    with pytest.raises(ValueError, match=r"labels \[3\] are not 0, 1 or ignore_index=255"):
         BalancedBCELoss()(torch.randn(1, 1, 2, 2), torch.full((1, 1, 2, 2), 3))
     with pytest.raises(ValueError, match="differ in batch or spatial size"):
         DepthL1Loss()(torch.randn(1, 1, 2, 2), torch.zeros(1, 1, 3, 2))
     with pytest.raises(ValueError, match="pos_weight"):
         BalancedBCELoss(pos_weight=2.0)
+
+
+def _cross_entropy_float64(pred: Tensor, target: Tensor, num_classes: int) -> float:
+    """Mean per-pixel cross-entropy over labels in [0, num_classes), a plain loop."""
+    p, t = pred.detach().double().cpu().numpy(), target.cpu().numpy()
+    total, count = 0.0, 0
+    for b, y, x in np.ndindex(t.shape[0], t.shape[2], t.shape[3]):
+        label = t[b, 0, y, x]
+        if 0 <= label < num_classes:
+            logits = p[b, :, y, x]
+            total += math.log(np.exp(logits).sum()) - logits[label]
+            count += 1
+    return total / count
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_label_check_is_deferred_without_sync() -> None:
+    """On CUDA an unusable label does not stall the stream: forward and backward run
+    with the sync debugger set to error, those pixels are ignored (float64 loop), and the
+    error names the labels when the check is read (or at the loss's next call)."""
+    g = torch.Generator().manual_seed(5)
+    pred = torch.randn(2, 4, 6, 7, generator=g).cuda().requires_grad_()
+    target = torch.randint(0, 4, (2, 1, 6, 7), generator=g)
+    target[0, 0, 0, :3] = 255
+    target[1, 0, 2, 1], target[1, 0, 4, 4] = 7, 9
+    loss = PixelCrossEntropyLoss()
+    loss(pred, target.cuda()).backward()  # warm the pinned-memory cache
+    loss.label_check._pending.clear()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        value = loss(pred, target.cuda())
+        value.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(value) == pytest.approx(_cross_entropy_float64(pred, target, 4), rel=1e-5)
+    with pytest.raises(ValueError, match=r"labels in \[7, 9\] are outside \[0, 4\)"):
+        raise_label_errors(loss)
+    raise_label_errors(loss)  # read once: nothing left
+
+    loss(pred, target.cuda())
+    torch.cuda.synchronize()
+    good = target.clamp(max=3).cuda()
+    with pytest.raises(ValueError, match=r"labels in \[7, 9\]"):
+        loss(pred, good)  # the earlier batch's result has arrived: this call raises
+    loss(pred, good)
+
+    bce = BalancedBCELoss(0.95)
+    edges = torch.randint(0, 2, (2, 1, 6, 7), generator=g)
+    edges[0, 0, 3, 3] = 3
+    bce(pred[:, :1], edges.cuda())
+    with pytest.raises(ValueError, match=r"labels in \[3, 3\] are not 0, 1 or ignore_index"):
+        raise_label_errors(bce)
 
 
 def _head(task="semseg", num_classes=5, **kw) -> PUPHead:

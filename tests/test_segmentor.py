@@ -226,6 +226,21 @@ def test_train_step_through_data_preprocessor() -> None:
     assert torch.isfinite(log_vars["loss"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_train_step_raises_for_bad_labels_after_the_step() -> None:
+    """The segmentor's train_step reads its losses' GPU checks when it ends."""
+    from mmengine.optim import OptimWrapper
+
+    model = build().cuda().train()
+    ds = samples(2, 32, 48)
+    ds[1].gt_sem_seg.data[0, 5, 5] = 77
+    image = torch.randint(0, 255, (3, 32, 48), dtype=torch.uint8)
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-3))
+    with pytest.raises(ValueError, match=r"PixelCrossEntropyLoss: labels in \[77, 77\]"):
+        model.train_step(dict(inputs=[image, image], data_samples=ds), optim)
+
+
 def test_tensor_mode_returns_logits_per_task() -> None:
     model = build().eval()
     with torch.no_grad():

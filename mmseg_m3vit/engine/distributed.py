@@ -16,7 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from mmengine.model import MMDistributedDataParallel
+from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS
+
+from ..models.losses import raise_label_errors
 
 
 def init_cpu_distributed(launcher: str, backend: str = "gloo") -> bool:
@@ -54,8 +57,9 @@ class CPUAwareDistributedDataParallel(MMDistributedDataParallel):
     """``MMDistributedDataParallel`` that accepts modules living on the CPU.
 
     The runner always passes ``device_ids=[LOCAL_RANK]``; for a CPU module that argument
-    must be ``None``. Everything else (``train_step`` / ``val_step`` / ``test_step``) is
-    mmengine's.
+    must be ``None``. ``train_step`` is mmengine's followed by the module's losses'
+    label checks (as the segmentor's own ``train_step``, which DDP bypasses);
+    ``val_step`` / ``test_step`` are mmengine's.
     """
 
     def __init__(
@@ -66,3 +70,11 @@ class CPUAwareDistributedDataParallel(MMDistributedDataParallel):
             kwargs["device_ids"] = None
             kwargs.pop("output_device", None)
         super().__init__(module=module, detect_anomalous_params=detect_anomalous_params, **kwargs)
+
+    def train_step(
+        self, data: dict | tuple | list, optim_wrapper: OptimWrapper
+    ) -> dict[str, torch.Tensor]:
+        """mmengine's DDP step, then :func:`raise_label_errors` on the wrapped module."""
+        log_vars = super().train_step(data, optim_wrapper)
+        raise_label_errors(self.module)
+        return log_vars

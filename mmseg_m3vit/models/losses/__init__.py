@@ -1,5 +1,19 @@
 """Dense per-task losses (registered in mmseg's MODELS on import)."""
 
-from .dense_losses import BalancedBCELoss, DepthL1Loss, NormalsL1Loss, PixelCrossEntropyLoss
+from .dense_losses import (
+    BalancedBCELoss,
+    DepthL1Loss,
+    LabelCheck,
+    NormalsL1Loss,
+    PixelCrossEntropyLoss,
+    raise_label_errors,
+)
 
-__all__ = ["BalancedBCELoss", "DepthL1Loss", "NormalsL1Loss", "PixelCrossEntropyLoss"]
+__all__ = [
+    "BalancedBCELoss",
+    "DepthL1Loss",
+    "LabelCheck",
+    "NormalsL1Loss",
+    "PixelCrossEntropyLoss",
+    "raise_label_errors",
+]

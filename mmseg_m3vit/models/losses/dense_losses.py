@@ -7,9 +7,19 @@ excluded from the average; when a batch has no valid pixel the loss is an exact 
 still depends on ``pred`` (so DDP sees every parameter used). Loss weights live in the
 segmentor (``loss_weights``), not here. ``loss_name`` starts with ``loss_`` so mmengine
 sums it.
+
+Labels a loss cannot use (a class id outside the head's range, an edge target that is
+neither 0, 1 nor ignore) raise a ``ValueError`` naming them. On the CPU it is raised at
+once. On a GPU, reading the check's result would make the host wait for the whole
+forward pass, and the backward's launches would then start on an idle device; so the
+result travels to the host asynchronously (:class:`LabelCheck`), the pixels are ignored
+for that batch, and the error is raised when ``train_step`` ends
+(:func:`raise_label_errors`) or, at the latest, by the loss's next call.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +50,74 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+class LabelCheck:
+    """Unusable-label check of one loss that never blocks a CUDA stream.
+
+    :meth:`submit` takes the batch's bool mask of unusable pixels. CPU tensors are
+    checked at once. For CUDA tensors the smallest and largest unusable value are copied
+    into pinned host memory behind an event; :meth:`raise_if_bad` reads every result
+    whose event has completed (all of them, waiting, with ``wait=True``) and raises for
+    the first bad one. ``submit`` first reads the earlier results that have arrived, so an
+    error surfaces one batch late at worst even when nobody calls ``raise_if_bad``.
+    """
+
+    max_pending = 4  # results left unread before submit waits for the oldest
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._pending: list[tuple[Tensor, torch.cuda.Event, str]] = []
+
+    def submit(self, bad: Tensor, target: Tensor, expected: str) -> None:
+        """bad: bool, True where ``target`` (same shape) is unusable; ``expected`` ends the
+        error message: "labels [...] are <expected>"."""
+        self.raise_if_bad(wait=len(self._pending) >= self.max_pending)
+        if not target.is_cuda:
+            if bool(bad.any()):
+                values = sorted(set(target[bad].tolist()))[:5]
+                raise ValueError(f"{self.owner}: labels {values} are {expected}")
+            return
+        if target.numel() == 0:
+            return
+        values = target.float()
+        extremes = torch.stack(
+            [
+                torch.where(bad, values, math.inf).amin(),
+                torch.where(bad, values, -math.inf).amax(),
+            ]
+        )
+        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        host.copy_(extremes, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((host, event, expected))
+
+    def raise_if_bad(self, wait: bool = True) -> None:
+        """Read the results of earlier CUDA batches (those that have arrived unless
+        ``wait``) and raise ``ValueError`` for the first that had unusable labels."""
+        while self._pending:
+            host, event, expected = self._pending[0]
+            if not wait and not event.query():
+                return
+            event.synchronize()
+            self._pending.pop(0)
+            low, high = host.tolist()
+            if low != math.inf:  # some pixel was unusable (a NaN label makes low NaN)
+                self._pending.clear()
+                raise ValueError(
+                    f"{self.owner}: labels in [{low:g}, {high:g}] are {expected} "
+                    "(a GPU batch: its step ignored those pixels)"
+                )
+
+
+def raise_label_errors(module: nn.Module) -> None:
+    """Raise the unusable-label error of any loss inside ``module`` whose GPU check has
+    not been read yet (waits for those checks only, not for the rest of the stream)."""
+    for m in module.modules():
+        check = getattr(m, "label_check", None)
+        if isinstance(check, LabelCheck):
+            check.raise_if_bad(wait=True)
+
+
 @MODELS.register_module()
 class PixelCrossEntropyLoss(nn.Module):
     """Per-pixel softmax cross-entropy, mean over pixels whose label != ``ignore_index``.
@@ -50,20 +128,20 @@ class PixelCrossEntropyLoss(nn.Module):
     def __init__(self, ignore_index: int = 255, loss_name: str = "loss_ce") -> None:
         super().__init__()
         self.ignore_index, self.loss_name = ignore_index, loss_name
+        self.label_check = LabelCheck(type(self).__name__)
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check(pred, target, type(self).__name__, None, 1)
+        num_classes = pred.shape[1]
         target = target[:, 0].long()
-        valid = target != self.ignore_index
-        bad = valid & ((target < 0) | (target >= pred.shape[1]))
-        if bool(bad.any()):
-            raise ValueError(
-                f"{type(self).__name__}: labels {sorted(set(target[bad].tolist()))[:5]} are "
-                f"outside [0, {pred.shape[1]}) and not ignore_index={self.ignore_index}"
-            )
-        per_pixel = F.cross_entropy(
-            pred.float(), target, ignore_index=self.ignore_index, reduction="none"
+        kept = target != self.ignore_index
+        valid = kept & (target >= 0) & (target < num_classes)
+        self.label_check.submit(
+            kept & ~valid,
+            target,
+            f"outside [0, {num_classes}) and not ignore_index={self.ignore_index}",
         )
+        per_pixel = F.cross_entropy(pred.float(), torch.where(valid, target, 0), reduction="none")
         return _masked_mean(per_pixel, valid)
 
 
@@ -123,22 +201,22 @@ class BalancedBCELoss(nn.Module):
         if pos_weight is not None and not 0.0 <= pos_weight <= 1.0:
             raise ValueError(f"pos_weight must be in [0, 1] or None, got {pos_weight}")
         self.pos_weight, self.ignore_index, self.loss_name = pos_weight, ignore_index, loss_name
+        self.label_check = LabelCheck(type(self).__name__)
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check(pred, target, type(self).__name__, 1, 1)
-        valid = target != self.ignore_index
-        bad = valid & (target != 0) & (target != 1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"{type(self).__name__}: targets must be 0, 1 or ignore_index="
-                f"{self.ignore_index}, got {sorted(set(target[bad].tolist()))[:5]}"
-            )
-        y = (target == 1).float()
+        kept = target != self.ignore_index
+        positive, negative = kept & (target == 1), kept & (target == 0)
+        valid = positive | negative
+        self.label_check.submit(
+            kept & ~valid, target, f"not 0, 1 or ignore_index={self.ignore_index}"
+        )
+        y = positive.float()
         if self.pos_weight is None:
             n_valid = valid.sum().clamp(min=1)
-            w = ((valid & (target == 0)).sum() / n_valid).float()
+            w: Tensor | float = (negative.sum() / n_valid).float()
         else:
-            w = torch.tensor(self.pos_weight, device=pred.device)
+            w = self.pos_weight  # a Python number: a device tensor would be a blocking copy
         z = pred.float()
         per_pixel = -(w * y * F.logsigmoid(z) + (1 - w) * (1 - y) * F.logsigmoid(-z))
         return _masked_mean(per_pixel, valid)

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
+from mmengine.optim import OptimWrapper
 from mmengine.structures import PixelData
 from mmseg.models.segmentors.base import BaseSegmentor
 from mmseg.registry import MODELS
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from ...tasks import TASK_SPECS, check_tasks, dataset_tasks, resolve_tasks
 from ..backbones.m3vit import M3ViTOutput
+from ..losses import raise_label_errors
 
 
 def task_head_configs(
@@ -245,6 +247,15 @@ class MultiTaskSegmentor(BaseSegmentor):
                     losses[f"{task}.tam{level}_{k}"] = v * weight
         losses["loss_moe_balance"] = balance * self.moe_balance_weight
         return losses
+
+    def train_step(
+        self, data: dict | tuple | list, optim_wrapper: OptimWrapper
+    ) -> dict[str, Tensor]:
+        """mmengine's step (preprocess, losses, backward, update), then the losses' label
+        checks of a GPU batch, read once the whole step is queued (they do not stall it)."""
+        log_vars = super().train_step(data, optim_wrapper)
+        raise_label_errors(self)
+        return log_vars
 
     # ------------------------------------------------------------------ inference
     def _tasks_for_inference(self, tasks: Sequence[str] | str | None) -> list[str]:
