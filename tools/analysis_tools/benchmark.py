@@ -144,14 +144,23 @@ def batch_to(batch: dict, device: str) -> dict:
 
 
 def train_step_part(
-    device: str, config: str, small: bool, batch_size: int, warmup: int, reps: int
+    device: str,
+    config: str,
+    small: bool,
+    batch_size: int,
+    warmup: int,
+    reps: int,
+    rounds: int = 3,
 ) -> str:
     """(b): images/s of ``model.train_step`` (preprocess, T-task loss, backward, SGD step).
 
     Rows go from the straightforward implementation to the optimised one, one change at
     a time, then the dense multi-task reference (``moe_layers=[]``: every block a dense
     MLP; the task-batched pass then runs the backbone once and repeats its tokens for
-    the T heads). The last column divides by the dense reference.
+    the T heads). The last column divides by the dense reference. Then, on CUDA, (b')
+    the two steps' kernel time per class and (b'') ``rounds`` more measurements of the
+    optimised step and the reference taken in turn, so that drift of the device over
+    the run (clocks, other tenants) falls on both alike.
     """
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
@@ -169,6 +178,7 @@ def train_step_part(
     ]
     results = []
     breakdown: dict[str, tuple[dict[str, float], dict[str, int]]] = {}
+    pair: dict[str, Callable[[], object]] = {}  # the optimised step and the reference
     for name, batched, dispatch, amp, dense in variants:
         torch.manual_seed(0)
         extra = {"backbone_moe_layers": []} if dense else {}
@@ -188,6 +198,8 @@ def train_step_part(
                 kernel_breakdown(step, reps=3),
                 step_flops(model, step),
             )
+            pair["dense MTL" if dense else "M3ViT"] = step
+            continue  # kept for the alternating rounds
         del model, wrapper, sgd, batch, step
         if cuda:
             torch.cuda.empty_cache()
@@ -222,7 +234,69 @@ def train_step_part(
     text = table(title, header, rows)
     if breakdown:
         text += "\n" + train_breakdown_table(breakdown, batch_size)
+    if len(pair) == 2 and rounds > 0:
+        text += "\n" + alternating_rounds_table(pair, device, warmup, reps, rounds, batch_size)
+    pair.clear()
+    if cuda:
+        torch.cuda.empty_cache()
     return text
+
+
+def alternating_rounds_table(
+    pair: dict[str, Callable[[], object]],
+    device: str,
+    warmup: int,
+    reps: int,
+    rounds: int,
+    batch_size: int,
+) -> str:
+    """(b''): the optimised step and the dense reference measured in turn, ``rounds``
+    times (each round: M3ViT eager, dense eager, M3ViT GPU, dense GPU; medians of
+    ``reps`` steps), with the per-round and median ratios of images/s."""
+    rows, eager_ratios, gpu_ratios = [], [], []
+    ours, dense = pair["M3ViT"], pair["dense MTL"]
+    for r in range(rounds):
+        e_ours, e_dense = bench(ours, device, warmup, reps), bench(dense, device, warmup, reps)
+        g_ours = bench(ours, device, warmup, reps, hide_launch=True)
+        g_dense = bench(dense, device, warmup, reps, hide_launch=True)
+        eager_ratios.append(e_dense / e_ours)
+        gpu_ratios.append(g_dense / g_ours)
+        rows.append(
+            [
+                str(r + 1),
+                f"{e_ours:.1f}",
+                f"{e_dense:.1f}",
+                f"{eager_ratios[-1]:.2f}x",
+                f"{g_ours:.1f}",
+                f"{g_dense:.1f}",
+                f"{gpu_ratios[-1]:.2f}x",
+            ]
+        )
+    rows.append(
+        [
+            "median",
+            "",
+            "",
+            f"{statistics.median(eager_ratios):.2f}x",
+            "",
+            "",
+            f"{statistics.median(gpu_ratios):.2f}x",
+        ]
+    )
+    title = (
+        f"(b'') optimised M3ViT step vs dense MTL, {rounds} alternating rounds at batch "
+        f"{batch_size}: ms/step (median of {reps}) and images/s ratio (dense ms / M3ViT ms)"
+    )
+    header = [
+        "round",
+        "M3ViT eager ms",
+        "dense eager ms",
+        "eager images/s ratio",
+        "M3ViT GPU ms",
+        "dense GPU ms",
+        "GPU images/s ratio",
+    ]
+    return table(title, header, rows)
 
 
 def step_flops(model: nn.Module, step: Callable[[], object]) -> dict[str, int]:
@@ -495,6 +569,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="4-task NYUD config for (b), (c)")
     p.add_argument("--train-batch", type=int, default=8, help="(b) images per step")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="(b'') alternating measurements of the optimised step and the dense reference",
+    )
     p.add_argument("--infer-batches", default="1,8,64", help="(c) batch sizes, comma-separated")
     return p.parse_args(argv)
 
@@ -513,7 +593,15 @@ def main(argv: list[str] | None = None) -> None:
     if "b" in args.parts:
         b_reps = args.reps or (3 if args.small else 10)
         print(
-            train_step_part(args.device, args.config, args.small, args.train_batch, 2, b_reps),
+            train_step_part(
+                args.device,
+                args.config,
+                args.small,
+                args.train_batch,
+                2,
+                b_reps,
+                args.rounds,
+            ),
             flush=True,
         )
     if "c" in args.parts:
