@@ -135,10 +135,11 @@ def test_gpu_label_check_is_deferred_without_sync() -> None:
     loss = PixelCrossEntropyLoss()
     loss(pred, target.cuda()).backward()  # warm the pinned-memory cache
     loss.label_check._pending.clear()
+    on_gpu = target.cuda()  # a copy from pageable memory: itself a synchronisation
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        value = loss(pred, target.cuda())
+        value = loss(pred, on_gpu)
         value.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
