@@ -38,6 +38,7 @@ from finn_flow.transforms import (
     DuplicateForkedConstMul,
     ExtractMultiThresholdScaleBiasOnce,
     GeluToThresholds,
+    MultiThresholdOutputTypes,
     is_gelu_table_op,
 )
 
@@ -79,9 +80,12 @@ def streamline(model: ModelWrapper, cfg: DataflowBuildConfig) -> ModelWrapper:
 
 
 def convert_to_hw(model: ModelWrapper, cfg: DataflowBuildConfig) -> ModelWrapper:
-    """HW-layer conversion: the attention pattern first (before its parts are converted
-    one by one), then the integer GELU-table arithmetic (so that the MatMuls after it see
-    exact integer types), the head's upsamplers, then FINN's own conversion."""
+    """HW-layer conversion: threshold outputs typed by the range they emit
+    (:class:`~finn_flow.transforms.MultiThresholdOutputTypes`), the attention pattern
+    (before its parts are converted one by one), then the integer GELU-table arithmetic
+    (so that the MatMuls after it see exact integer types), the head's upsamplers, then
+    FINN's own conversion."""
+    model = model.transform(MultiThresholdOutputTypes())
     model = model.transform(InferScaledDotProductAttention())
     model = model.transform(InferElementwiseBinaryOperation(is_gelu_table_op))
     model = model.transform(InferUpsample())  # head: Resize(nearest) -> HW upsampler

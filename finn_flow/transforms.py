@@ -115,6 +115,49 @@ class ExtractMultiThresholdScaleBiasOnce(Transformation):
         return model, False
 
 
+class MultiThresholdOutputTypes(Transformation):
+    """Annotate each ``MultiThreshold`` output with a type that holds what it emits.
+
+    A ``MultiThreshold`` with ``out_scale`` 1 emits the integers ``out_bias + 0 ...
+    out_bias + T`` (T thresholds per channel). Streamlining can leave one whose annotation
+    cannot hold them: a bipolar quantizer's ``2 y - 1`` is moved out of it and absorbed
+    into the *next* layer's thresholds, so it emits {0, 1} while its output (and
+    ``out_dtype``) still say BIPOLAR. The conversion to HW layers would then make a
+    Thresholding layer that emits -1 / +1, which the next layer's thresholds, computed for
+    {0, 1}, misread: the top-k gate's comparison network then kept too many experts, with
+    doubled gates (3 of 4 for top-2). Such outputs are retyped to the smallest UINTn /
+    INTn with n >= 2 holding the range (qonnx's 1-bit unsigned type is BINARY, which
+    finn-plus's HLS MVAU refuses as an input). Nodes whose annotation already holds the
+    range, or with ``out_scale`` != 1 or a non-integer ``out_bias``, are left as they
+    are. The Python execution is unchanged.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        """Retype the outputs that cannot hold their range; returns (model, False)."""
+        for node in model.graph.node:
+            if node.op_type != "MultiThreshold":
+                continue
+            inst = getCustomOp(node)
+            bias = float(inst.get_nodeattr("out_bias"))
+            if float(inst.get_nodeattr("out_scale")) != 1.0 or bias != int(bias):
+                continue
+            thresholds = model.get_initializer(node.input[1])
+            if thresholds is None:
+                continue
+            low, high = int(bias), int(bias) + int(thresholds.shape[-1])
+            annotated = model.get_tensor_datatype(node.output[0])
+            if annotated.allowed(low) and annotated.allowed(high):
+                continue
+            if low >= 0:
+                fitted = DataType[f"UINT{max(high.bit_length(), 2)}"]
+            else:
+                bits = max((-low - 1).bit_length(), high.bit_length()) + 1
+                fitted = DataType[f"INT{max(bits, 2)}"]
+            inst.set_nodeattr("out_dtype", fitted.name)
+            model.set_tensor_datatype(node.output[0], fitted)
+        return model, False
+
+
 def _count(x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """MultiThreshold count: for each x, how many thresholds are <= x."""
     return (x[:, None] >= thresholds[None, :]).sum(axis=1)

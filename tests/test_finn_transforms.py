@@ -9,7 +9,13 @@ import pytest
 pytestmark = pytest.mark.finn
 
 
-def _mt_graph(thresholds: np.ndarray, idt: str = "INT16", layout: str = "NWC"):
+def _mt_graph(
+    thresholds: np.ndarray,
+    idt: str = "INT16",
+    layout: str = "NWC",
+    out_dtype: str = "INT4",
+    out_bias: float = -7.0,
+):
     """x (1, 6, C) integer -> MultiThreshold(thresholds) -> (1, 6, C)."""
     from onnx import TensorProto, helper
     from qonnx.core.datatype import DataType
@@ -26,8 +32,8 @@ def _mt_graph(thresholds: np.ndarray, idt: str = "INT16", layout: str = "NWC"):
         ["x", "thr"],
         ["y"],
         domain="qonnx.custom_op.general",
-        out_dtype="INT4",
-        out_bias=-7.0,
+        out_dtype=out_dtype,
+        out_bias=out_bias,
         data_layout=layout,
     )
     model = ModelWrapper(qonnx_make_model(helper.make_graph([node], "g", [inp], [out])))
@@ -167,6 +173,89 @@ def test_single_threshold_rows_are_left_alone() -> None:
     pass_ = SharedThresholdTable()
     new = _mt_graph(np.array([[0.5], [3.5], [-2.5]])).transform(pass_)
     assert pass_.rewritten == [] and len(new.graph.node) == 1
+
+
+@pytest.mark.parametrize(
+    ("annotated", "bias", "steps", "expected"),
+    [
+        ("BIPOLAR", 0.0, 1, "UINT2"),  # a bipolar quantizer whose 2y - 1 was moved out
+        ("INT2", 0.0, 3, "UINT2"),  # emits 0..3
+        ("INT2", -3.0, 7, "INT4"),  # emits -3..4
+        ("INT4", -7.0, 14, "INT4"),  # -7..7 fits: unchanged
+        ("BIPOLAR", -1.0, 1, "INT2"),  # out_scale 1 emits -1..0, not -1 / +1
+    ],
+)
+def test_threshold_outputs_are_typed_by_the_range_they_emit(
+    annotated: str, bias: float, steps: int, expected: str
+) -> None:
+    """The annotation after the pass holds out_bias + 0..T (a naive count of the
+    thresholds, executed); the execution itself is unchanged."""
+    from qonnx.core.datatype import DataType
+    from qonnx.custom_op.registry import getCustomOp
+
+    from finn_flow.transforms import MultiThresholdOutputTypes
+
+    thresholds = np.sort(np.random.default_rng(steps).integers(-20, 20, (3, steps)), axis=1)
+    model = _mt_graph(thresholds.astype(np.float64), out_dtype=annotated, out_bias=bias)
+    model.set_tensor_datatype("y", DataType[annotated])
+    x = np.random.default_rng(1).integers(-25, 25, (1, 6, 3))
+    before = _run(model, x)
+    new = model.transform(MultiThresholdOutputTypes())
+    after = _run(new, x)
+    assert np.array_equal(before, after)
+    assert np.array_equal(after, _naive(x, thresholds, bias))
+    dtype = new.get_tensor_datatype("y")
+    assert dtype.name == expected
+    assert getCustomOp(new.graph.node[0]).get_nodeattr("out_dtype") == expected
+    assert dtype.allowed(bias) and dtype.allowed(bias + steps)
+
+
+def test_topk_gate_keeps_k_experts_after_the_hw_conversion(tmp_path) -> None:
+    """The stand-in's top-k gate (Brevitas), exported and taken through this flow's
+    QONNX-to-FINN, streamlining and HW-layer passes: the HW graph's gates equal the
+    Brevitas gates, and exactly k experts per token are kept (a plain loop's top-k)."""
+    import torch
+    from brevitas.export import export_qonnx
+
+    from finn_flow.finn_env import start_finn
+    from finn_flow.quant_model import QuantTopKGate
+
+    start_finn(tmp_path / "finn")
+    from finn.builder.build_dataflow_config import DataflowBuildConfig
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from finn_flow import graph_passes
+    from finn_flow.steps import non_hw_nodes
+
+    cfg = DataflowBuildConfig(
+        output_dir=str(tmp_path / "build"),
+        synth_clk_period_ns=5.0,
+        generate_outputs=[],
+        standalone_thresholds=True,
+    )
+    for e, k in [(4, 2), (16, 2)]:
+        torch.manual_seed(e)
+        gate = QuantTopKGate(e, k, prob_bits=8).eval()
+        p = torch.softmax(torch.randn(1, 32, e) * 2, dim=-1)
+        with torch.no_grad():
+            expected = gate(p).numpy()
+        path = tmp_path / f"gate{e}.onnx"
+        export_qonnx(gate, args=p, export_path=str(path), opset_version=17)
+        model = ModelWrapper(str(path))
+        for step in (graph_passes.qonnx_to_finn, graph_passes.streamline):
+            model = step(model, cfg)
+        model = graph_passes.convert_to_hw(model, cfg)
+        assert non_hw_nodes(model) == []
+        name_in, name_out = model.graph.input[0].name, model.graph.output[0].name
+        gates = execute_onnx(model, {name_in: p.numpy()})[name_out]
+        assert np.array_equal(gates, expected)
+        levels = np.round(p.numpy()[0] * 255)
+        for n in range(32):
+            order = sorted(range(e), key=lambda j: (-levels[n, j], j))
+            kept = set(order[:k])
+            assert {j for j in range(e) if gates[0, n, j] > 0} <= kept
+            assert np.count_nonzero(gates[0, n]) == sum(levels[n, j] > 0 for j in kept)
 
 
 def _scale_bias_graph(scale: float, bias: np.ndarray, consumers: int = 1):

@@ -18,12 +18,12 @@ replaced by ``TopKGate(P) -> DuplicateStreams -> ExpertDispatch(x) -> ExpertFFN 
 ExpertCombine = Y``. The router, its thresholds and the softmax stay and become finn-plus
 layers in the conversion to HW layers that follows.
 
-Why the streamlined graph and not the HW-layer graph: FINN's streamlining turns the
-stand-in's bipolar "beats" quantizer into {0, 1} codes (absorbing the 2y - 1 into the
-next thresholds) but leaves the tensor annotated BIPOLAR, so the conversion to HW layers
-makes it a Thresholding that emits -1/+1 again: the stand-in's HW form then keeps more
-than k experts (top-3 of 4 for k = 2) with doubled gates. The streamlined graph is the
-one that matches the Brevitas model, so the swap is made and checked there.
+Why the streamlined graph and not the HW-layer graph: the streamlined graph still
+matches the Brevitas model node for node, and the stand-in's region is found and
+executed there as it is. (On the way to HW layers the stand-in's comparison network
+needs its {0, 1} codes retyped from BIPOLAR, see
+:class:`finn_flow.transforms.MultiThresholdOutputTypes`; the engine replaces that
+network, so the swap does not depend on it.)
 
 The new ops' parameters are read off the stand-in's nodes: the weight matrices are
 sliced per expert; the element-wise chains (activation, gate re-quantisation and scales)
