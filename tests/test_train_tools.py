@@ -168,6 +168,17 @@ def test_nan_loss_stops_naming_task_and_iteration(tmp_path, config: str) -> None
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+def test_amp_is_bfloat16_without_loss_scaling_unless_the_config_sets_it(config: str) -> None:
+    cfg = train_tool.build_config(train_tool.parse_args([config, "--amp"]))
+    wrapper = cfg.optim_wrapper
+    assert (wrapper.type, wrapper.dtype) == ("AmpOptimWrapper", "bfloat16")
+    assert wrapper.loss_scale == {"enabled": False}
+    args = train_tool.parse_args(
+        [config, "--amp", "--cfg-options", "optim_wrapper.loss_scale=512.0"]
+    )
+    assert train_tool.build_config(args).optim_wrapper.loss_scale == 512.0
+
+
 def test_unknown_task_in_config_lists_valid_tasks(config: str) -> None:
     args = train_tool.parse_args(
         [config, "--cfg-options", "train_dataloader.dataset.tasks=[semseg,dpeth]"]

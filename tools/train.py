@@ -80,9 +80,12 @@ def build_config(args: argparse.Namespace) -> Config:
                 f"--amp needs optim_wrapper.type 'OptimWrapper' or 'AmpOptimWrapper', "
                 f"got {wrapper!r} in {args.config}"
             )
-        # bfloat16: float32's exponent range, so no loss scaling is needed
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.dtype = "bfloat16"
+        # bfloat16 has float32's exponent range, so no loss scaling is needed; mmengine's
+        # default dynamic scaler would also read an inf flag back to the host every step,
+        # which stalls the launch queue. A loss_scale set in the config is kept.
+        cfg.optim_wrapper.setdefault("loss_scale", dict(enabled=False))
     if args.resume == "auto":
         cfg.resume = True
         cfg.load_from = None

@@ -188,7 +188,11 @@ def train_step_part(
         tasks = list(model.tasks)
         batch = batch_to(random_batch(batch_size, size, tasks, seed=0), device)
         sgd = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9, weight_decay=1e-4)
-        wrapper = AmpOptimWrapper(optimizer=sgd, dtype="bfloat16") if amp else OptimWrapper(sgd)
+        wrapper = (  # as tools/train.py --amp: bf16 needs no loss scaling
+            AmpOptimWrapper(optimizer=sgd, dtype="bfloat16", loss_scale=dict(enabled=False))
+            if amp
+            else OptimWrapper(sgd)
+        )
         step = lambda m=model, d=batch, w=wrapper: m.train_step(d, w)  # noqa: E731
         eager = bench(step, device, warmup, reps)
         gpu = bench(step, device, warmup, reps, hide_launch=True) if cuda else float("nan")
