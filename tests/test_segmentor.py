@@ -241,6 +241,30 @@ def test_gpu_train_step_raises_for_bad_labels_after_the_step() -> None:
         model.train_step(dict(inputs=[image, image], data_samples=ds), optim)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_train_step_does_not_wait_on_the_gpu() -> None:
+    """A bf16 train step as ``tools/train.py --amp`` configures it, on a batch already on
+    the device, runs with the sync debugger set to error (after two warm-up steps)."""
+    from mmengine.optim import AmpOptimWrapper
+
+    model = build().cuda().train()
+    ds = [d.to("cuda") for d in samples(2, 32, 48)]
+    image = torch.randint(0, 255, (3, 32, 48), dtype=torch.uint8, device="cuda")
+    data = dict(inputs=[image, image], data_samples=ds)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optim = AmpOptimWrapper(optimizer=sgd, dtype="bfloat16", loss_scale=dict(enabled=False))
+    for _ in range(2):
+        model.train_step(data, optim)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        log_vars = model.train_step(data, optim)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(log_vars["loss"])
+
+
 def test_tensor_mode_returns_logits_per_task() -> None:
     model = build().eval()
     with torch.no_grad():
