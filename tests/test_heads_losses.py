@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -147,6 +148,11 @@ def test_gpu_label_check_is_deferred_without_sync() -> None:
     with pytest.raises(ValueError, match=r"labels in \[7, 9\] are outside \[0, 4\)"):
         raise_label_errors(loss)
     raise_label_errors(loss)  # read once: nothing left
+    loss(pred, target.cuda())
+    copied = copy.deepcopy(loss)  # a model copy (EMA, pickling) drops unread results
+    raise_label_errors(copied)
+    with pytest.raises(ValueError, match=r"labels in \[7, 9\]"):
+        raise_label_errors(loss)
 
     loss(pred, target.cuda())
     torch.cuda.synchronize()

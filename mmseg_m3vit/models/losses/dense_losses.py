@@ -67,6 +67,10 @@ class LabelCheck:
         self.owner = owner
         self._pending: list[tuple[Tensor, torch.cuda.Event, str]] = []
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave unread results (CUDA events) behind."""
+        return {"owner": self.owner, "_pending": []}
+
     def submit(self, bad: Tensor, target: Tensor, expected: str) -> None:
         """bad: bool, True where ``target`` (same shape) is unusable; ``expected`` ends the
         error message: "labels [...] are <expected>"."""
