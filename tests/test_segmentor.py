@@ -244,13 +244,14 @@ def test_gpu_train_step_raises_for_bad_labels_after_the_step() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_train_step_does_not_wait_on_the_gpu() -> None:
-    """A bf16 train step as ``tools/train.py --amp`` configures it, on a batch already on
-    the device, runs with the sync debugger set to error (after two warm-up steps)."""
+    """A bf16 train step as ``tools/train.py --amp`` configures it, fed from host memory
+    as the data loader feeds it, runs with the sync debugger set to error (after two
+    warm-up steps): the copies to the device do not wait for the previous step."""
     from mmengine.optim import AmpOptimWrapper
 
     model = build().cuda().train()
-    ds = [d.to("cuda") for d in samples(2, 32, 48)]
-    image = torch.randint(0, 255, (3, 32, 48), dtype=torch.uint8, device="cuda")
+    ds = samples(2, 32, 48)
+    image = torch.randint(0, 255, (3, 32, 48), dtype=torch.uint8)
     data = dict(inputs=[image, image], data_samples=ds)
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     optim = AmpOptimWrapper(optimizer=sgd, dtype="bfloat16", loss_scale=dict(enabled=False))
