@@ -1,7 +1,7 @@
 """Small graph transformations the M3ViT pathway needs on top of finn-plus's own.
 
-All of them keep the graph's function unchanged (they only move or copy constant
-scale nodes), so the Python execution before and after is identical.
+All of them keep the graph's function unchanged (they move or copy constant scale nodes,
+or correct type annotations), so the Python execution before and after is identical.
 """
 
 from __future__ import annotations
