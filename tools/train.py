@@ -25,7 +25,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmseg_m3vit  # noqa: E402, F401  (registers the plugin before the config is read)
 from mmseg_m3vit.compat import trusted_checkpoints  # noqa: E402
-from mmseg_m3vit.engine import init_cpu_distributed  # noqa: E402
+from mmseg_m3vit.engine import BF16_OPTIM_WRAPPER, init_cpu_distributed  # noqa: E402
 from mmseg_m3vit.utils import check_config_tasks, check_data_roots, check_pretrained  # noqa: E402
 from mmseg_m3vit.utils.cli import (  # noqa: E402
     HelpFormatter,
@@ -80,12 +80,10 @@ def build_config(args: argparse.Namespace) -> Config:
                 f"--amp needs optim_wrapper.type 'OptimWrapper' or 'AmpOptimWrapper', "
                 f"got {wrapper!r} in {args.config}"
             )
-        cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.dtype = "bfloat16"
-        # bfloat16 has float32's exponent range, so no loss scaling is needed; mmengine's
-        # default dynamic scaler would also read an inf flag back to the host every step,
-        # which stalls the launch queue. A loss_scale set in the config is kept.
-        cfg.optim_wrapper.setdefault("loss_scale", dict(enabled=False))
+        # a loss_scale set in the config is kept
+        cfg.optim_wrapper.type = BF16_OPTIM_WRAPPER["type"]
+        cfg.optim_wrapper.dtype = BF16_OPTIM_WRAPPER["dtype"]
+        cfg.optim_wrapper.setdefault("loss_scale", dict(BF16_OPTIM_WRAPPER["loss_scale"]))
     if args.resume == "auto":
         cfg.resume = True
         cfg.load_from = None

@@ -8,10 +8,11 @@ from .hooks import (
     NonFiniteLossHook,
     ProgressBarHook,
 )
-from .loops import AmpTestLoop
+from .loops import BF16_OPTIM_WRAPPER, AmpTestLoop
 from .runner import M3ViTRunner
 
 __all__ = [
+    "BF16_OPTIM_WRAPPER",
     "AmpTestLoop",
     "CPUAwareDistributedDataParallel",
     "M3ViTRunner",

@@ -1,4 +1,5 @@
-"""Evaluation loops: bf16 (or other dtype) autocast for ``tools/test.py --amp``.
+"""bf16 on GPUs: the evaluation loop of ``tools/test.py --amp`` and the optimiser-wrapper
+settings of ``tools/train.py --amp``.
 
 mmengine's ``TestLoop(fp16=True)`` autocasts to float16 only; M3ViT is run in bfloat16 on
 GPUs (same exponent range as float32, no loss of dynamic range in the router softmax).
@@ -12,6 +13,11 @@ import torch
 from mmengine.runner import TestLoop
 from mmengine.runner.amp import autocast
 from mmseg.registry import LOOPS
+
+#: ``AmpOptimWrapper`` arguments of bf16 training: no loss scaling, which bf16 (float32's
+#: exponent range) does not need; mmengine's default dynamic GradScaler would also read an
+#: inf flag back to the host every step, stalling the launch queue. Copy before editing.
+BF16_OPTIM_WRAPPER = dict(type="AmpOptimWrapper", dtype="bfloat16", loss_scale=dict(enabled=False))
 
 
 @LOOPS.register_module()

@@ -165,6 +165,7 @@ def train_step_part(
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
     from mmseg_m3vit.datasets.random_mt import random_batch
+    from mmseg_m3vit.engine import BF16_OPTIM_WRAPPER
 
     size = (64, 80) if small else (480, 640)
     cuda = device == "cuda"
@@ -188,8 +189,12 @@ def train_step_part(
         tasks = list(model.tasks)
         batch = batch_to(random_batch(batch_size, size, tasks, seed=0), device)
         sgd = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9, weight_decay=1e-4)
-        wrapper = (  # as tools/train.py --amp: bf16 needs no loss scaling
-            AmpOptimWrapper(optimizer=sgd, dtype="bfloat16", loss_scale=dict(enabled=False))
+        wrapper = (  # as tools/train.py --amp
+            AmpOptimWrapper(
+                optimizer=sgd,
+                dtype=BF16_OPTIM_WRAPPER["dtype"],
+                loss_scale=dict(BF16_OPTIM_WRAPPER["loss_scale"]),
+            )  # fmt: skip
             if amp
             else OptimWrapper(sgd)
         )
